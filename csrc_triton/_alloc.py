@@ -31,7 +31,7 @@ def poison_outputs(enabled: bool = True) -> Iterator[None]:
 
 
 def empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    out = torch.empty(*shape, dtype=dtype, device=device)
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)  # no shape: a 0-dim tensor
     if poisoning():
         if dtype.is_floating_point:
             out.fill_(float("nan"))

@@ -1,0 +1,64 @@
+"""Dense backend: materialises the full N x M logit matrix. The reference, and the baseline.
+
+Same contract as :mod:`csrc_triton.blockwise` (see there for the formulas); it stores S, so its
+memory grows with N x M.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._alloc import empty
+
+
+def _logits(q: Tensor, k: Tensor, scale: Tensor, exclude_diagonal: bool) -> Tensor:
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = (q.to(acc) * scale.to(acc)) @ k.to(acc).T
+    if exclude_diagonal:
+        s.fill_diagonal_(float("-inf"))
+    return s
+
+
+def lse_forward(
+    q: Tensor, k: Tensor, scale: Tensor, exclude_diagonal: bool, compute_col: bool
+) -> tuple[Tensor, Tensor]:
+    s = _logits(q, k, scale, exclude_diagonal)
+    row_lse = empty(q.shape[0], dtype=s.dtype, device=q.device)
+    row_lse.copy_(torch.logsumexp(s, dim=1))
+    col_lse = empty(k.shape[0] if compute_col else 0, dtype=s.dtype, device=q.device)
+    if compute_col:
+        col_lse.copy_(torch.logsumexp(s, dim=0))
+    return row_lse, col_lse
+
+
+def _safe(lse: Tensor) -> Tensor:
+    # A row with no allowed entry has lse = -inf and all its logits -inf: exp(-inf - 0) = 0.
+    return torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
+
+
+def lse_backward(
+    grad_row: Tensor,
+    grad_col: Tensor,
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    row_lse: Tensor,
+    col_lse: Tensor,
+    exclude_diagonal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    s = _logits(q, k, scale, exclude_diagonal)
+    acc = s.dtype
+    # G_ij = g_i exp(S_ij - r_i) + h_j exp(S_ij - c_j)
+    g = torch.exp(s - _safe(row_lse.to(acc))[:, None]) * grad_row.to(acc)[:, None]
+    if grad_col.numel():
+        g = g + torch.exp(s - _safe(col_lse.to(acc))[None, :]) * grad_col.to(acc)[None, :]
+    qa, ka = q.to(acc), k.to(acc)
+    g_k = g @ ka  # dQ / scale
+    dq = empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(*k.shape, dtype=k.dtype, device=k.device)
+    dq.copy_(scale.to(acc) * g_k)
+    dk.copy_(scale.to(acc) * (g.T @ qa))
+    # dscale = sum_ij G_ij q_i.k_j = sum_i q_i . (G K)_i
+    dscale = empty(dtype=acc, device=q.device)
+    dscale.copy_((g_k * qa).sum())
+    return dq, dk, dscale
