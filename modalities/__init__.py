@@ -1,0 +1,1 @@
+"""Per-modality building blocks (audio, image, text) shared by the models and recipes."""

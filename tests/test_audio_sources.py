@@ -1,0 +1,105 @@
+"""Utterance sources: manifests, LibriSpeech folders, alignments, holdout splits."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modalities.audio import Utterance, holdout_split, read_alignments, read_manifest, scan_librispeech
+
+
+def test_csv_manifest_relative_paths_and_labels(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    manifest = tmp_path / "data" / "list.csv"
+    manifest.write_text("path,speaker,split,emotion,id\n"
+                        "a/one.wav,alice,train,happy,\n"
+                        "/abs/two.flac,bob,test,sad,utt2\n"
+                        "three.wav,,,,\n")
+    utts = read_manifest(manifest)
+    assert [u.id for u in utts] == ["one", "utt2", "three"]
+    assert utts[0].path == (tmp_path / "data" / "a" / "one.wav").resolve()
+    assert utts[1].path == Path("/abs/two.flac")
+    assert utts[0].speaker == "alice" and utts[0].split == "train"
+    assert utts[0].labels == {"emotion": "happy"}
+    assert utts[2].speaker is None and utts[2].split is None and utts[2].labels == {}
+    assert all(u.path.is_absolute() for u in utts)
+
+
+def test_jsonl_manifest(tmp_path: Path) -> None:
+    manifest = tmp_path / "list.jsonl"
+    rows = [{"path": "x/1.wav", "speaker": 7, "split": "test", "age": 31},
+            {"path": "x/2.wav", "id": "second"}]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    utts = read_manifest(manifest)
+    assert utts[0] == Utterance("1", (tmp_path / "x" / "1.wav").resolve(), "7", "test", {"age": "31"})
+    assert utts[1].id == "second" and utts[1].speaker is None
+
+
+def test_manifest_errors_name_file_line_and_column(tmp_path: Path) -> None:
+    bad_split = tmp_path / "bad_split.csv"
+    bad_split.write_text("path,split\na.wav,train\nb.wav,dev\n")
+    with pytest.raises(ValueError, match=r"bad_split.csv, line 3: column 'split' has value 'dev'"):
+        read_manifest(bad_split)
+    no_path = tmp_path / "no_path.csv"
+    no_path.write_text("file,speaker\na.wav,x\n")
+    with pytest.raises(ValueError, match=r"no_path.csv, line 1: no 'path' column.*'file'"):
+        read_manifest(no_path)
+    empty_path = tmp_path / "empty_path.jsonl"
+    empty_path.write_text('{"path": "a.wav"}\n{"path": ""}\n')
+    with pytest.raises(ValueError, match=r"empty_path.jsonl, line 2: column 'path' is empty"):
+        read_manifest(empty_path)
+    missing_key = tmp_path / "missing_key.jsonl"
+    missing_key.write_text('{"file": "a.wav"}\n')
+    with pytest.raises(ValueError, match=r"missing_key.jsonl, line 1: no 'path' key"):
+        read_manifest(missing_key)
+    duplicate = tmp_path / "dup.csv"
+    duplicate.write_text("path\nx/a.wav\ny/a.wav\n")
+    with pytest.raises(ValueError, match=r"dup.csv, line 3: column 'id' value 'a' repeats line 2"):
+        read_manifest(duplicate)
+
+
+def test_scan_librispeech(tmp_path: Path) -> None:
+    for spk, chapter, n in [("19", "198", 2), ("103", "1240", 1)]:
+        folder = tmp_path / spk / chapter
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{spk}-{chapter}-{i:04d}.flac").write_bytes(b"")
+        (folder / f"{spk}-{chapter}.trans.txt").write_text("transcript\n")
+    utts = scan_librispeech(tmp_path)
+    assert [u.id for u in utts] == ["103-1240-0000", "19-198-0000", "19-198-0001"]
+    assert [u.speaker for u in utts] == ["103", "19", "19"]
+    assert utts[1].labels == {"chapter": "198"} and utts[1].split is None
+    assert utts[1].path == (tmp_path / "19" / "198" / "19-198-0000.flac").resolve()
+    with pytest.raises(ValueError, match="one level down"):
+        scan_librispeech(tmp_path.parent)
+    with pytest.raises(ValueError, match="not a folder"):
+        scan_librispeech(tmp_path / "nope")
+
+
+def test_read_alignments(tmp_path: Path) -> None:
+    path = tmp_path / "phones.txt"
+    path.write_text("19-198-0001 0 0 3 3 12\n\n103-1240-0000 5\n")
+    ali = read_alignments(path)
+    assert list(ali) == ["19-198-0001", "103-1240-0000"]
+    assert ali["19-198-0001"].dtype == torch.int64
+    assert ali["19-198-0001"].tolist() == [0, 0, 3, 3, 12]
+    path.write_text("a 1 2\nb 1 x\n")
+    with pytest.raises(ValueError, match=r"phones.txt, line 2: label 'x'"):
+        read_alignments(path)
+
+
+def test_holdout_split_deterministic_and_uses_given_splits(tmp_path: Path) -> None:
+    utts = [Utterance(f"u{i:03d}", tmp_path / f"u{i}.wav") for i in range(500)]
+    train, test = holdout_split(utts)
+    assert (train, test) == holdout_split(list(utts))
+    assert len(train) + len(test) == 500 and 70 <= len(test) <= 130
+    assert {u.id for u in train}.isdisjoint(u.id for u in test)
+    # per-utterance rule: a subset splits the same way
+    sub_train, sub_test = holdout_split(utts[:100])
+    assert {u.id for u in sub_test} == {u.id for u in test if u.id < "u100"}
+    assert holdout_split(utts, seed=1) != (train, test)
+    assert holdout_split(utts, test_fraction=0.0) == (utts, [])
+    given = [Utterance("a", tmp_path, split="test"), Utterance("b", tmp_path, split="train")]
+    assert holdout_split(given) == ([given[1]], [given[0]])
+    with pytest.raises(ValueError, match="test_fraction"):
+        holdout_split(utts, test_fraction=1.5)
