@@ -46,6 +46,18 @@ def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isinf(x) & (x < 0), torch.zeros_like(x), x)
 
 
+def _fold_grad(shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+    """g exp(S - r) = exp(S - (r - log g)) when g >= 0 (the usual case: a mean of the losses).
+
+    Folding log g into the shift saves one full pass over each (rows x M) block; g = 0 gives
+    a shift of +inf and exp(-inf) = 0. Otherwise (negative or NaN upstream gradients) the
+    multiply stays, and the returned grad is not None.
+    """
+    if bool((grad >= 0).all()):
+        return shift - grad.log(), None
+    return shift, grad
+
+
 def _block_logits(qs_blk: Tensor, ka: Tensor, out: Tensor, start: int, exclude_diagonal: bool) -> Tensor:
     torch.mm(qs_blk, ka.T, out=out)
     if exclude_diagonal:
@@ -109,11 +121,9 @@ def lse_backward(
     qa, ka = q.to(acc), k.to(acc)
     qs = qa * s_acc
     has_col = grad_col.numel() > 0
-    row_shift = _finite_or_zero(row_lse.to(acc))
-    g_row = grad_row.to(acc)
+    row_shift, g_row = _fold_grad(_finite_or_zero(row_lse.to(acc)), grad_row.to(acc))
     if has_col:
-        col_shift = _finite_or_zero(col_lse.to(acc))
-        g_col = grad_col.to(acc)
+        col_shift, g_col = _fold_grad(_finite_or_zero(col_lse.to(acc)), grad_col.to(acc))
 
     rows = block_rows_for(n, m)
     logits_buf = torch.empty(rows, m, dtype=acc, device=q.device)
@@ -126,9 +136,13 @@ def lse_backward(
         s = _block_logits(qs[start:stop], ka, logits_buf[: stop - start], start, exclude_diagonal)
         g = grad_buf[: stop - start]
         # G = g_i exp(S - r_i) [+ h_j exp(S - c_j)]; excluded entries have S = -inf, so G = 0 there
-        torch.sub(s, row_shift[start:stop, None], out=g).exp_().mul_(g_row[start:stop, None])
+        torch.sub(s, row_shift[start:stop, None], out=g).exp_()
+        if g_row is not None:
+            g.mul_(g_row[start:stop, None])
         if has_col:
-            s.sub_(col_shift[None, :]).exp_().mul_(g_col[None, :])
+            s.sub_(col_shift[None, :]).exp_()
+            if g_col is not None:
+                s.mul_(g_col[None, :])
             g.add_(s)
         torch.mm(g, ka, out=dq_acc[start:stop])  # (G k)_i, scaled below
         dk_acc.addmm_(g.T, qa[start:stop])
