@@ -60,21 +60,15 @@ def _interpreting() -> bool:
 # --------------------------------------------------------------------------------------------
 # (max, sum) statistics
 # --------------------------------------------------------------------------------------------
-# Hot loops below are written inline (no nested @triton.jit helpers; integer offsets advanced
-# by pointer increments rather than recomputed with multiplications): under the interpreter
-# each nested jit call and each overflow-checked int32 multiply costs milliseconds. The
-# compiled code is the same either way.
-
-
-@triton.jit
-def _merge_stats(m1, s1, m2, s2):
-    """Exact merge of two (max, sum exp(x - max)) pairs:
-    m = max(m1, m2), s = s1 exp(m1 - m) + s2 exp(m2 - m); (-inf, 0) is the identity."""
-    m = tl.maximum(m1, m2)
-    # All -inf: shift by 0 so that exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    s = s1 * tl.exp(m1 - m_shift) + s2 * tl.exp(m2 - m_shift)
-    return m, s
+# Merge of two (max, sum exp(x - max)) pairs, exact whatever the scale:
+#   m = max(m1, m2),  s = s1 exp(m1 - m) + s2 exp(m2 - m);  (-inf, 0) is the identity.
+# Packed form: one int64 with the fp32 bits of m high and of s low.
+#
+# The kernels are written without nested @triton.jit helpers: Triton 3.6's interpreter patches
+# triton.language on a nested call and never restores it, which breaks triton.compile later in
+# the same process (static_check in the test suite). Integer offsets are advanced by pointer
+# increments rather than recomputed: the interpreter checks every int32 multiply for overflow,
+# at a cost of milliseconds. The compiled code is the same either way.
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +186,11 @@ def _row_lse_finalize_kernel(row_max_ptr, row_sum_ptr, row_lse_ptr, N, SPLITS, B
     for split in range(0, SPLITS):
         m2 = tl.load(row_max_ptr + split * N + offs, mask=ok, other=float("-inf"))
         s2 = tl.load(row_sum_ptr + split * N + offs, mask=ok, other=0.0)
-        m, s = _merge_stats(m, s, m2, s2)
+        merged = tl.maximum(m, m2)
+        # All -inf: shift by 0 so that exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
+        shift = tl.where(merged == float("-inf"), 0.0, merged)
+        s = s * tl.exp(m - shift) + s2 * tl.exp(m2 - shift)
+        m = merged
     # An empty row: (-inf, 0) -> -inf + log(0) = -inf.
     tl.store(row_lse_ptr + offs, m + tl.log(s), mask=ok)
 
