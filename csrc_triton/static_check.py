@@ -68,6 +68,20 @@ def _ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
     }
 
 
+def _source(fn, signature: dict[str, str], constexprs: dict) -> tuple[ASTSource, dict]:
+    """The ASTSource Triton's JIT would build for contiguous inputs with D a multiple of 16
+    (e.g. D = 768) and 16-byte aligned buffers: unit strides become constexpr 1 (the JIT
+    specialises integers equal to 1), and pointers, row strides and D carry divisibility 16
+    (what lets loads vectorise and the software pipeliner use cp.async)."""
+    constexprs = dict(constexprs, stride_qd=1, stride_kd=1)
+    signature = dict(signature)
+    signature.update({name: "constexpr" for name in constexprs})
+    aligned = [name for name, ty in signature.items()
+               if ty.startswith("*") or name in ("D", "stride_qn", "stride_kn")]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), constexprs
+
+
 def _forward_source(cfg: ForwardConfig, dtype: str) -> tuple[ASTSource, dict]:
     t = _TRITON_DTYPE[dtype]
     signature = {
@@ -82,9 +96,7 @@ def _forward_source(cfg: ForwardConfig, dtype: str) -> tuple[ASTSource, dict]:
         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d,
     }
-    fn = triton_lse._lse_forward_kernel
-    signature.update({name: "constexpr" for name in constexprs})
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs), constexprs
+    return _source(triton_lse._lse_forward_kernel, signature, constexprs)
 
 
 def _backward_source(cfg: BackwardConfig, dtype: str) -> tuple[ASTSource, dict]:
@@ -102,9 +114,7 @@ def _backward_source(cfg: BackwardConfig, dtype: str) -> tuple[ASTSource, dict]:
         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "BLOCK_DO": cfg.block_do,
     }
-    fn = triton_lse._lse_backward_kernel
-    signature.update({name: "constexpr" for name in constexprs})
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs), constexprs
+    return _source(triton_lse._lse_backward_kernel, signature, constexprs)
 
 
 def compile_one(kernel: str, config: ForwardConfig | BackwardConfig, dtype: str, arch: int = 90) -> dict:
