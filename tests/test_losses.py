@@ -27,9 +27,11 @@ ALL_BACKENDS = ["dense", "blockwise", "triton"]
 
 # (N, D): deliberately unaligned. Triton runs through the interpreter: small shapes only.
 CPU_SHAPES = [(1, 3), (7, 1), (7, 60), (129, 130), (257, 3), (257, 60)]
-TRITON_SHAPES = [(1, 3), (7, 1), (33, 60), (67, 130)]
+# The interpreter's tiles are 16 x 16 with D chunks of 32 (forward) and 64 (backward output):
+# 37 x 70 spans several tiles and D chunks with ragged edges everywhere.
+TRITON_SHAPES = [(1, 3), (7, 1), (37, 70)]
 # For losses over 2N (or N*V) rows, triton keeps to about 70 rows.
-TRITON_PAIR_SHAPES = [(1, 3), (7, 1), (17, 60), (33, 130)]
+TRITON_PAIR_SHAPES = [(1, 3), (7, 1), (19, 70)]
 
 # Relative tolerance added on top of torch's own error in that dtype: about one unit in the
 # last place of the output dtype (fp32: a little more, for reordered fp32 sums).
@@ -195,6 +197,8 @@ def test_info_nce_per_query(backend, dtype, shape):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_info_nce_reduced_float_temperature(backend, reduction, dtype):
+    if backend == "triton" and reduction == "sum":
+        pytest.skip("interpreter time: 'sum' is covered on the CPU backends")
     q, k = _pairs(37, 19, dtype)
     args = dict(query=q, key=k, temperature=0.07)
     check_loss(
@@ -211,6 +215,8 @@ def test_info_nce_reduced_float_temperature(backend, reduction, dtype):
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_moco_queue(backend, dtype, in_batch_negatives, reduction):
+    if backend == "triton" and reduction == "mean":
+        pytest.skip("interpreter time: 'mean' is covered on the CPU backends")
     n, d, m = (9, 24, 50) if backend == "triton" else (23, 40, 301)
     q, k = _pairs(n, d, dtype)
     queue = (torch.randn(m, d) / d**0.5).to(dtype)
@@ -246,6 +252,8 @@ def test_moco_is_exactly_moco():
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_info_nce_symmetric(backend, dtype, reduction):
+    if backend == "triton" and reduction == "sum":
+        pytest.skip("interpreter time: 'sum' is covered on the CPU backends")
     n, d = (21, 33) if backend == "triton" else (131, 33)
     q, k = _pairs(n, d, dtype)
     args = dict(query=q, key=k, temperature=_temperature(0.1, True))
@@ -374,6 +382,8 @@ def test_nt_xent_per_view(backend, dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_nt_xent_mean(backend, dtype, normalize):
+    if backend == "triton" and not normalize:
+        pytest.skip("interpreter time: normalize=False is covered on the CPU backends")
     n, d = (23, 17) if backend == "triton" else (150, 17)
     z1, z2 = _pairs(n, d, dtype)
     args = dict(z1=z1, z2=z2, temperature=0.3)
@@ -430,7 +440,7 @@ SUPCON_LAYOUTS = {
     "v2": [(1, 2, 3), (64, 2, 60), (129, 2, 1)],
     "v3": [(7, 3, 130), (50, 3, 17)],
 }
-TRITON_SUPCON = {"2d": [(7, 0, 3), (61, 0, 60)], "v2": [(1, 2, 3), (33, 2, 130)], "v3": [(7, 3, 1), (20, 3, 17)]}
+TRITON_SUPCON = {"2d": [(7, 0, 3), (45, 0, 70)], "v2": [(1, 2, 3), (19, 2, 70)], "v3": [(7, 3, 1)]}
 
 
 def _supcon_cases():
