@@ -54,6 +54,8 @@ CORPUS_VERSION = 1
 _N_FFT = 512  # 32 ms synthesis frames
 _HOP = 128  # 8 ms control rate for the spectral envelopes
 _BINS = np.arange(_N_FFT // 2 + 1) * SAMPLE_RATE / _N_FFT  # (257,) Hz
+_COS_W = np.cos(2 * np.pi * _BINS / SAMPLE_RATE)
+_SIN_W = np.sin(2 * np.pi * _BINS / SAMPLE_RATE)
 _WINDOW = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(_N_FFT) / _N_FFT)  # periodic Hann
 
 
@@ -101,14 +103,14 @@ PHONES: tuple[Phone, ...] = (
     Phone("ae", "vowel", (660, 1720, 2410), duration=_V),
     Phone("l", "glide", (360, 1300, 2800), gain=0.6, duration=_C),
     Phone("b", "stop", (300, 900, 2200), gain=0.7, noise=(1000, 1600, 0.35), duration=_C),
-    Phone("f", "fricative", (350, 900, 2200), voiced=False, gain=0.0, noise=(4500, 6000, 0.15), duration=_F),
+    Phone("f", "fricative", (350, 900, 2200), voiced=False, gain=0.0, noise=(4500, 6000, 0.08), duration=_F),
     Phone("er", "vowel", (490, 1350, 1690), duration=_V),
     Phone("z", "fricative", (350, 1700, 2700), gain=0.35, noise=(5500, 2500, 0.3), duration=_F),
     Phone("d", "stop", (300, 1700, 2700), gain=0.7, noise=(4200, 3000, 0.35), duration=_C),
     Phone("ao", "vowel", (570, 840, 2410), duration=_V),
     Phone("r", "glide", (330, 1060, 1600), gain=0.6, duration=_C),
     Phone("p", "stop", (350, 900, 2200), voiced=False, gain=0.0, noise=(1000, 1600, 0.6), duration=_C),
-    Phone("v", "fricative", (350, 900, 2200), gain=0.35, noise=(4500, 6000, 0.1), duration=_F),
+    Phone("v", "fricative", (350, 900, 2200), gain=0.35, noise=(4500, 6000, 0.06), duration=_F),
     Phone("ih", "vowel", (390, 1990, 2550), duration=_V),
     Phone("g", "stop", (300, 1900, 2400), gain=0.7, noise=(2200, 900, 0.35), duration=_C),
     Phone("w", "glide", (300, 610, 2200), gain=0.6, duration=_C),
@@ -141,7 +143,7 @@ def speaker_voice(index: int, seed: int = 0) -> SpeakerVoice:
     rng = np.random.default_rng([seed, 0, index])
     gender = "F" if index % 2 == 0 else "M"
     female = gender == "F"
-    accent = np.exp(rng.normal(0.0, 0.05, size=(len(PHONES), 3)))
+    accent = np.exp(rng.normal(0.0, 0.07, size=(len(PHONES), 3)))
     return SpeakerVoice(
         name=f"spk{index:02d}",
         gender=gender,
@@ -151,7 +153,7 @@ def speaker_voice(index: int, seed: int = 0) -> SpeakerVoice:
         shimmer=float(rng.uniform(0.03, 0.12)),
         formant_scale=float(rng.uniform(1.05, 1.20) if female else rng.uniform(0.85, 1.0)),
         rate=float(rng.uniform(0.8, 1.25)),
-        tilt=float(rng.uniform(-4.0, 2.0)),
+        tilt=float(rng.uniform(-2.5, 2.5)),
         breathiness=float(rng.uniform(0.05, 0.2) if female else rng.uniform(0.02, 0.12)),
         accent=tuple(tuple(round(float(x), 6) for x in row) for row in accent),
     )
@@ -249,10 +251,12 @@ def _resonators(freqs: np.ndarray, bandwidths: np.ndarray) -> np.ndarray:
     """
     r = np.exp(-np.pi * bandwidths / SAMPLE_RATE)[..., None]  # (F, K, 1)
     th = (2 * np.pi * freqs / SAMPLE_RATE)[..., None]
-    w = 2 * np.pi * _BINS / SAMPLE_RATE  # (bins,)
+    cos_th, sin_th = np.cos(th), np.sin(th)
     one_r2 = 1 + r * r
-    power = (one_r2 - 2 * r * np.cos(w - th)) * (one_r2 - 2 * r * np.cos(w + th))
-    gain2 = (one_r2 - 2 * r * np.cos(th)) ** 2
+    # cos(w -+ th) = cos w cos th +- sin w sin th
+    a, b = 2 * r * cos_th * _COS_W, 2 * r * sin_th * _SIN_W
+    power = (one_r2 - a - b) * (one_r2 - a + b)
+    gain2 = (one_r2 - 2 * r * cos_th) ** 2
     return np.sqrt(np.prod(gain2 / power, axis=1))
 
 
@@ -347,30 +351,31 @@ def synthesize_utterance(voice: SpeakerVoice, n_phones: int, seconds: float,
     pid = ids[tok]
     scale = voice.formant_scale
     accent = np.asarray(voice.accent)
-    token_formant_jitter = np.exp(rng.normal(0.0, 0.07, size=(n_tokens, 3)))
+    token_formant_jitter = np.exp(rng.normal(0.0, 0.09, size=(n_tokens, 3)))
     targets_f = np.array([PHONES[i].formants for i in ids]) * accent[ids] * token_formant_jitter
     # silence has no tract of its own: it borrows the neutral vowel
     targets_f[ids == 0] = (500.0, 1500.0, 2500.0)
     log_f = np.log(targets_f[tok] * scale)  # (F, 3)
-    log_f = _smooth(log_f, 9)  # ~70 ms coarticulation: transitions and undershoot
+    log_f = _smooth(log_f, 11)  # ~90 ms coarticulation: transitions and undershoot
     formants = np.concatenate([np.exp(log_f), np.full((n_frames, 2), (3500.0, 4500.0)) * scale], axis=1)
     formants = np.minimum(formants, 0.45 * SAMPLE_RATE)
     bandwidths = np.array([60.0, 90.0, 120.0, 200.0, 250.0]) * (formants / np.array([500, 1500, 2500, 3500, 4500])) ** 0.5
     tract = _resonators(formants, bandwidths)  # (F, bins)
     zero = np.array([PHONES[i].zero for i in ids])[tok] * scale
     nasal = zero > 0
-    if nasal.any():
-        anti = 1.0 / _resonators(np.where(nasal, zero, 1000.0)[:, None], np.full((n_frames, 1), 150.0))
-        pole = _resonators(np.full((n_frames, 1), 250.0 * scale), np.full((n_frames, 1), 100.0))
-        tract = np.where(nasal[:, None], tract * anti * pole, tract)
+    if nasal.any():  # nasal murmur: an extra low pole and an anti-resonance (zero)
+        rows = np.flatnonzero(nasal)
+        anti = 1.0 / _resonators(zero[rows, None], np.full((len(rows), 1), 150.0))
+        pole = _resonators(np.full((len(rows), 1), 250.0 * scale), np.full((len(rows), 1), 100.0))
+        tract[rows] *= anti * pole
     f = np.maximum(_BINS, 20.0)
-    source = (f / 1000.0) / (1 + (f / (1.5 * voice.f0)) ** 2) * (f / 1000.0) ** (voice.tilt / 6.02)
+    source = (f / 1000.0) / (1 + (f / (2.0 * voice.f0)) ** 2) * (f / 1000.0) ** (voice.tilt / 6.02)
     source[0] = 0.0
     voiced_env = _unit_power(tract * source)
     asp_env = _unit_power(tract * (f / 1000.0) ** 0.5)
 
     has_noise = noise_amp[tok] > 0
-    token_band_jitter = np.exp(rng.normal(0.0, 0.1, size=n_tokens))
+    token_band_jitter = np.exp(rng.normal(0.0, 0.15, size=n_tokens))
     centres = np.array([PHONES[i].noise[0] if PHONES[i].noise else np.nan for i in ids])
     centres = (centres * token_band_jitter)[tok]
     widths = np.array([PHONES[i].noise[1] if PHONES[i].noise else np.nan for i in ids])[tok]
@@ -390,7 +395,7 @@ def synthesize_utterance(voice: SpeakerVoice, n_phones: int, seconds: float,
     # channel: a random tilt and one broad peak or dip per utterance (microphone, room colour)
     octaves = np.log2(f / 1000.0)
     peak_octaves = np.log2(f / np.exp(rng.uniform(np.log(300.0), np.log(5000.0))))
-    eq_db = rng.uniform(-2.0, 2.0) * octaves + rng.uniform(-6.0, 6.0) * np.exp(-2.0 * peak_octaves ** 2)
+    eq_db = rng.uniform(-1.0, 1.0) * octaves + rng.uniform(-4.0, 4.0) * np.exp(-2.0 * peak_octaves ** 2)
     spec *= 10.0 ** (eq_db / 20.0)
     wave = _istft(spec, n_samples)
     wave = _reverberate(wave, rng)
@@ -398,7 +403,7 @@ def synthesize_utterance(voice: SpeakerVoice, n_phones: int, seconds: float,
     # --- level, background noise, 16-bit range
     rms = np.sqrt(np.mean(wave ** 2)) + 1e-9
     wave = wave * (0.08 * np.exp(rng.normal(0.0, 0.15)) / rms)
-    snr_db = rng.uniform(15.0, 35.0)
+    snr_db = rng.uniform(10.0, 30.0)
     background = _smooth(rng.standard_normal(n_samples), 3)  # slightly coloured
     background *= np.sqrt(np.mean(wave ** 2)) * 10 ** (-snr_db / 20) / (np.sqrt(np.mean(background ** 2)) + 1e-12)
     wave = np.clip(wave + background, -0.99, 0.99).astype(np.float32)

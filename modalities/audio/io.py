@@ -24,9 +24,17 @@ FRAME_HOP = 160
 
 
 class AudioReadError(RuntimeError):
-    """An audio file could not be read, or holds no samples. The message names the file."""
+    """An audio file could not be read, or holds no samples. The message names the file.
 
-    def __init__(self, path: str | PathLike, reason: str) -> None:
+    Raised as `AudioReadError(path, reason)`; `AudioReadError(message)` also works (then
+    `path` is None and the message is used as given).
+    """
+
+    def __init__(self, path: str | PathLike, reason: str | None = None) -> None:
+        if reason is None:
+            self.path, self.reason = None, str(path)
+            super().__init__(str(path))
+            return
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"cannot read audio file '{self.path}': {reason}")
