@@ -284,7 +284,13 @@ def _reverberate(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def synthesize_utterance(voice: SpeakerVoice, n_phones: int, seconds: float,
                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Synthesize one utterance.
+    """Synthesize one utterance of random syllables spoken by `voice`.
+
+    Args:
+        voice: the speaker (see `speaker_voice`).
+        n_phones: labels available, silence included: phones are drawn from PHONES[1:n_phones].
+        seconds: duration; the utterance starts and ends with silence.
+        rng: the only source of randomness (same state, same output).
 
     Returns:
         wave: (T,) float32 in [-1, 1], T = round(seconds * 16000) samples.
@@ -348,7 +354,6 @@ def synthesize_utterance(voice: SpeakerVoice, n_phones: int, seconds: float,
     n_frames = padded_len // _HOP + 1
     centre = np.minimum(np.arange(n_frames) * _HOP, padded_len - 1)
     tok = token_of_sample[centre]
-    pid = ids[tok]
     scale = voice.formant_scale
     accent = np.asarray(voice.accent)
     token_formant_jitter = np.exp(rng.normal(0.0, 0.09, size=(n_tokens, 3)))
@@ -403,7 +408,7 @@ def synthesize_utterance(voice: SpeakerVoice, n_phones: int, seconds: float,
     # --- level, background noise, 16-bit range
     rms = np.sqrt(np.mean(wave ** 2)) + 1e-9
     wave = wave * (0.08 * np.exp(rng.normal(0.0, 0.15)) / rms)
-    snr_db = rng.uniform(10.0, 30.0)
+    snr_db = rng.uniform(20.0, 35.0)
     background = _smooth(rng.standard_normal(n_samples), 3)  # slightly coloured
     background *= np.sqrt(np.mean(wave ** 2)) * 10 ** (-snr_db / 20) / (np.sqrt(np.mean(background ** 2)) + 1e-12)
     wave = np.clip(wave + background, -0.99, 0.99).astype(np.float32)
