@@ -144,7 +144,7 @@ def _compile_many(jobs: Sequence[tuple[str, ForwardConfig | BackwardConfig, str,
 def _compile_in_process(kernel: str, config: ForwardConfig | BackwardConfig, dtype: str, arch: int) -> dict:
     make = _forward_source if kernel == "forward" else _backward_source
     src, _ = make(config, dtype)
-    target = GPUTarget("cuda", arch, 64)
+    target = GPUTarget("cuda", arch, 32)  # (backend, capability, warp size)
     compiled = triton.compile(src, target=target,
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     ptx = compiled.asm["ptx"]

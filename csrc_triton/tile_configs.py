@@ -13,14 +13,13 @@ over D in BLOCK_D chunks):
   ``wgmma`` instruction covers 64 rows of the output, so BLOCK_M must be a multiple of 64 and
   ``num_warps`` a multiple of 4. With BLOCK_M = BLOCK_N = 128 and 8 warps (2 warpgroups,
   64 rows each) the fp32 accumulator is 128*128*4 B / 256 threads = 64 registers per thread;
-  the online log-sum-exp adds the exp'd tile for the row and the column statistics, which
-  keeps the kernel inside the 255-register limit without spills. Each pipeline stage holds a
-  Q chunk (128 x 64) and a K chunk (64 x 128) in bf16/fp16: 32 KiB, so 3 stages use 96 KiB
-  of the 228 KiB of shared memory and leave room for the layout conversions of the
-  epilogue. BLOCK_D = 64 bf16 = 128 B rows, the widest 128B-swizzle that TMA/wgmma like.
+  the online log-sum-exp adds the exp'd tile for the row and for the column statistics, which
+  fills the 255-register budget of 8 warps exactly, without spills. Each pipeline stage holds
+  a Q chunk (128 x 64) and a K chunk (64 x 128) in bf16/fp16: 32 KiB, so 3 stages use 96 KiB
+  of the 228 KiB of shared memory. BLOCK_D = 64 bf16 = 128 B rows: the 128-byte swizzle
+  that wgmma's shared-memory operands want.
 * Ampere (sm_80): ``mma.sync`` with 16 x 8 x 16 fragments; no warpgroup constraint. 128 x 64
-  tiles with 4 warps and 3 stages (24 KiB per stage, 72 KiB of the 164 KiB) is the classic
-  FlashAttention-2 choice that stays below 255 registers.
+  tiles with 8 warps and 3 stages (16 KiB per stage, 48 KiB of the 164 KiB), 184 registers.
 * fp32 inputs are multiplied in IEEE fp32 (``input_precision="ieee"``) so that results match
   PyTorch's fp32 matmul; that path uses FMA, not tensor cores, so smaller tiles (64 x 64,
   BLOCK_D = 32) keep the register file and shared memory (4 B per element) in budget.
@@ -28,9 +27,11 @@ over D in BLOCK_D chunks):
 Backward (one program = one column block of BLOCK_N keys and one BLOCK_DO-wide chunk of the
 output D, looping over row blocks): it holds the dK accumulator (BLOCK_N x BLOCK_DO fp32), the
 K chunk used for dQ (BLOCK_N x BLOCK_DO) and the recomputed S tile (BLOCK_M x BLOCK_N fp32) at
-the same time, so it uses smaller BLOCK_M (64: one warpgroup row-slab per ``wgmma``) and
-BLOCK_DO = 128. Each extra D chunk of the output repeats the S recompute (see the FLOP count in
-:mod:`csrc_triton.triton_lse`), so BLOCK_DO is as large as registers allow.
+the same time, plus the dQ contribution tile before its atomic add, so it uses 64 x 64 S tiles
+on Hopper (64 rows = one ``wgmma`` slab; BLOCK_N = 64 is also the M side of the dK = G^T Q
+product) and BLOCK_DO = 128. Each extra D chunk of the output repeats the S recompute (see the
+FLOP count in :mod:`csrc_triton.triton_lse`), so BLOCK_DO is as large as registers allow
+without spilling (256 spills).
 
 Interpreter (``TRITON_INTERPRET=1`` on CPU): 16 x 16 S tiles, the smallest ``tl.dot`` accepts,
 so tests exercise many tiles, masks and the cross-program merges; the interpreter's cost is per
@@ -79,22 +80,31 @@ class BackwardConfig:
 
 # name -> (forward, backward); looked up per dtype family ("16" for bf16/fp16, "32" for fp32).
 CONFIGS: dict[str, tuple[ForwardConfig, BackwardConfig]] = {
+    # Registers / spills / shared memory as reported by csrc_triton.static_check (ptxas 12.8).
     "sm90-16": (
+        # 255 regs, 0 spills, 96 KiB smem, wgmma.
         ForwardConfig(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3),
-        BackwardConfig(block_m=64, block_n=128, block_d=64, block_do=128, num_warps=8, num_stages=2),
+        # 243 regs, 0 spills, 64 KiB smem, wgmma. (64 x 128 S tiles spill 144 B; BLOCK_DO = 256 spills.)
+        BackwardConfig(block_m=64, block_n=64, block_d=64, block_do=128, num_warps=8, num_stages=3),
     ),
     "sm90-32": (
+        # IEEE fp32 on FMA units: 214 regs, 0 spills.
         ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2),
-        BackwardConfig(block_m=64, block_n=64, block_d=32, block_do=64, num_warps=4, num_stages=1),
+        # 231 regs, 0 spills (64 x 64 tiles with 4 warps spill 2.3 KB).
+        BackwardConfig(block_m=32, block_n=64, block_d=32, block_do=64, num_warps=8, num_stages=1),
     ),
     "sm80-16": (
-        ForwardConfig(block_m=128, block_n=64, block_d=64, num_warps=4, num_stages=3, min_programs=216),
-        BackwardConfig(block_m=64, block_n=64, block_d=64, block_do=128, num_warps=4, num_stages=2,
+        # 184 regs, 0 spills, 48 KiB smem, mma.sync.
+        ForwardConfig(block_m=128, block_n=64, block_d=64, num_warps=8, num_stages=3, min_programs=216),
+        # 255 regs, 0 spills, 28 KiB smem (with 4 warps ptxas falls back to a 4.5 KB stack frame).
+        BackwardConfig(block_m=32, block_n=64, block_d=64, block_do=128, num_warps=8, num_stages=2,
                        min_programs=216),
     ),
     "sm80-32": (
+        # 216 regs, 0 spills.
         ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2, min_programs=216),
-        BackwardConfig(block_m=64, block_n=64, block_d=32, block_do=64, num_warps=4, num_stages=1,
+        # 252 regs, 0 spills.
+        BackwardConfig(block_m=32, block_n=64, block_d=32, block_do=64, num_warps=8, num_stages=1,
                        min_programs=216),
     ),
     # Other CUDA devices (Turing, consumer parts with ~100 KiB of shared memory): conservative.

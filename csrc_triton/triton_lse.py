@@ -106,32 +106,39 @@ def _lse_forward_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     offs_d = tl.arange(0, BLOCK_D)
-    q_start = q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    # Addresses = scalar base pointer (64-bit, advanced per block) + small loop-invariant int32
+    # offsets within a tile: no tensor of 64-bit pointers is carried across loop iterations
+    # (that costs two registers per element), and no int32 offset can overflow for large N*D.
+    q_block = q_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_qn
+    q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    kt_offs = tl.arange(0, BLOCK_N)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     q_step = BLOCK_D * stride_qd
     k_step = BLOCK_D * stride_kd
+    k_block_step = BLOCK_N * stride_kn
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
 
     first_block = split * col_blocks_per_split
     last_block = tl.minimum(first_block + col_blocks_per_split, tl.cdiv(M, BLOCK_N))
-    for col_block in range(first_block, last_block):
-        offs_n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = first_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_block = k_ptr + (first_block * BLOCK_N).to(tl.int64) * stride_kn
+    for _col_block in range(first_block, last_block):
         col_ok = offs_n < M
         # dot_ij = q_i . k_j over D in BLOCK_D chunks (masked tail chunk); K loaded transposed.
-        q_ptrs = q_start
-        kt_ptrs = k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        q_chunk = q_block
+        k_chunk = k_block
         dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for d_start in range(0, D, BLOCK_D):
             d_left = D - d_start
-            q_tile = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d_left), other=0.0)
-            kt_tile = tl.load(kt_ptrs, mask=col_ok[None, :] & (offs_d[:, None] < d_left), other=0.0)
+            q_tile = tl.load(q_chunk + q_offs, mask=row_ok[:, None] & (offs_d[None, :] < d_left), other=0.0)
+            kt_tile = tl.load(k_chunk + kt_offs, mask=col_ok[None, :] & (offs_d[:, None] < d_left), other=0.0)
             if UPCAST:
                 q_tile = q_tile.to(tl.float32)
                 kt_tile = kt_tile.to(tl.float32)
             dot = tl.dot(q_tile, kt_tile, dot, input_precision=DOT_PRECISION)
-            q_ptrs += q_step
-            kt_ptrs += k_step
+            q_chunk += q_step
+            k_chunk += k_step
         allowed = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAGONAL:
             allowed = allowed & (offs_m[:, None] != offs_n[None, :])
@@ -171,6 +178,8 @@ def _lse_forward_kernel(
                 # Integer comparison: NaN statistics cannot make the loop spin forever.
                 todo = todo & (seen != current)
                 current = seen
+        offs_n += BLOCK_N
+        k_block += k_block_step
 
     tl.store(row_max_ptr + split * N + offs_m, row_max, mask=row_ok)
     tl.store(row_sum_ptr + split * N + offs_m, row_sum, mask=row_ok)
@@ -244,10 +253,17 @@ def _lse_backward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
-    kt_start = k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    # Scalar 64-bit base pointers advanced per block + loop-invariant int32 offsets in a tile
+    # (see the forward kernel).
+    local_m = tl.arange(0, BLOCK_M)
+    local_n = tl.arange(0, BLOCK_N)
+    k_block = k_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_kn
+    kt_offs = local_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    q_offs = local_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_out_offs = local_m[:, None] * stride_qn + offs_do[None, :] * stride_qd
+    dq_offs = local_m[:, None] * D + offs_do[None, :]
     q_step = BLOCK_D * stride_qd
     k_step = BLOCK_D * stride_kd
-    row_step = BLOCK_M * stride_qn
 
     if HAS_COL:
         col_lse = tl.load(col_lse_ptr + offs_n, mask=col_ok, other=0.0)
@@ -256,7 +272,7 @@ def _lse_backward_kernel(
         # a NaN c_j stays live so that NaN inputs give NaN gradients.
         col_live = col_ok & (grad_col != 0.0) & (col_lse != float("-inf"))
     # The slice k_j[offs_do] that dQ needs, loaded once.
-    k_out = tl.load(k_ptr + offs_n[:, None] * stride_kn + offs_do[None, :] * stride_kd,
+    k_out = tl.load(k_block + local_n[:, None] * stride_kn + offs_do[None, :] * stride_kd,
                     mask=col_ok[:, None] & do_ok[None, :], other=0.0)
     if UPCAST:
         k_out = k_out.to(tl.float32)
@@ -265,27 +281,27 @@ def _lse_backward_kernel(
 
     first_block = split * row_blocks_per_split
     last_block = tl.minimum(first_block + row_blocks_per_split, tl.cdiv(N, BLOCK_M))
-    offs_m = first_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_row_start = q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q_out_ptrs = q_ptr + offs_m[:, None] * stride_qn + offs_do[None, :] * stride_qd
-    dq_ptrs = dq_acc_ptr + offs_m[:, None] * D + offs_do[None, :]
-    dq_row_step = BLOCK_M * D
+    offs_m = first_block * BLOCK_M + local_m
+    q_block = q_ptr + (first_block * BLOCK_M).to(tl.int64) * stride_qn
+    dq_block = dq_acc_ptr + (first_block * BLOCK_M).to(tl.int64) * D
+    q_block_step = BLOCK_M * stride_qn
+    dq_block_step = BLOCK_M * D
     for _row_block in range(first_block, last_block):
         row_ok = offs_m < N
         # Recompute dot_ij = q_i . k_j over the full D.
-        q_ptrs = q_row_start
-        kt_ptrs = kt_start
+        q_chunk = q_block
+        k_chunk = k_block
         dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for d_start in range(0, D, BLOCK_D):
             d_left = D - d_start
-            q_tile = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d_left), other=0.0)
-            kt_tile = tl.load(kt_ptrs, mask=col_ok[None, :] & (offs_d[:, None] < d_left), other=0.0)
+            q_tile = tl.load(q_chunk + q_offs, mask=row_ok[:, None] & (offs_d[None, :] < d_left), other=0.0)
+            kt_tile = tl.load(k_chunk + kt_offs, mask=col_ok[None, :] & (offs_d[:, None] < d_left), other=0.0)
             if UPCAST:
                 q_tile = q_tile.to(tl.float32)
                 kt_tile = kt_tile.to(tl.float32)
             dot = tl.dot(q_tile, kt_tile, dot, input_precision=DOT_PRECISION)
-            q_ptrs += q_step
-            kt_ptrs += k_step
+            q_chunk += q_step
+            k_chunk += k_step
         logits = dot * scale
         allowed = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAGONAL:
@@ -307,7 +323,7 @@ def _lse_backward_kernel(
 
         # G in the input dtype for the tensor-core products (fp32 inputs: unchanged).
         grad_in = grad.to(in_dtype)
-        q_out = tl.load(q_out_ptrs, mask=row_ok[:, None] & do_ok[None, :], other=0.0)
+        q_out = tl.load(q_block + q_out_offs, mask=row_ok[:, None] & do_ok[None, :], other=0.0)
         if UPCAST:
             grad_in = grad_in.to(tl.float32)
             q_out = q_out.to(tl.float32)
@@ -315,15 +331,14 @@ def _lse_backward_kernel(
         dk = tl.dot(tl.trans(grad_in), q_out, dk, input_precision=DOT_PRECISION)
         # dQ_i += s sum_j G_ij k_j
         dq_part = tl.dot(grad_in, k_out, input_precision=DOT_PRECISION) * scale
-        tl.atomic_add(dq_ptrs, dq_part, mask=row_ok[:, None] & do_ok[None, :], sem="relaxed")
+        tl.atomic_add(dq_block + dq_offs, dq_part, mask=row_ok[:, None] & do_ok[None, :], sem="relaxed")
 
         offs_m += BLOCK_M
-        q_row_start += row_step
-        q_out_ptrs += row_step
-        dq_ptrs += dq_row_step
+        q_block += q_block_step
+        dq_block += dq_block_step
 
     dk = dk * scale
-    dk_ptrs = dk_ptr + offs_n[:, None] * D + offs_do[None, :]
+    dk_ptrs = dk_ptr + (pid_n * BLOCK_N).to(tl.int64) * D + (local_n[:, None] * D + offs_do[None, :])
     if DK_ATOMIC:
         tl.atomic_add(dk_ptrs, dk, mask=col_ok[:, None] & do_ok[None, :], sem="relaxed")
     else:
