@@ -1,0 +1,165 @@
+"""Configuration of a CPC speech run: one dataclass, printed at start and saved with the run
+and in every checkpoint; loadable from YAML or JSON.
+
+Resolution order (later wins): the preset's values, then the ``--config`` file, then explicit
+command-line flags.
+
+Presets:
+- ``paper``: Oord et al. 2018 / CPC_audio's training setup: 512-channel encoder, GRU 256,
+  12 linear predictors, 20480-sample windows, Adam at 2e-4, batch 8 per process.
+- ``cpu-quick``: what fits the no-argument run in 10 minutes on a 2-core CPU: the same
+  architecture with a 128-channel encoder (16x fewer encoder FLOPs), a shorter window and a
+  higher learning rate, a few hundred steps. Same objective, same probes.
+- ``auto`` (the default): ``paper`` on CUDA, ``cpu-quick`` on CPU. The resolved preset is
+  printed at start.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model import CPCModelConfig
+from .probes import ProbeConfig
+
+PRESETS = ("auto", "paper", "cpu-quick")
+
+
+@dataclass
+class CPCSpeechConfig:
+    preset: str = "auto"
+    # data
+    data: str | None = None  # LibriSpeech folder
+    manifest: str | None = None  # CSV / JSON lines
+    alignments: str | None = None  # CPC-format phone alignments, for the phone probe
+    out: str = "runs/cpc_speech"
+    strict: bool = False
+    corpus_speakers: int = 8  # generated corpus (no --data / --manifest)
+    corpus_utterances: int = 24
+    # training
+    steps: int = 100000
+    batch_size: int = 8  # per process
+    speakers_per_batch: int = 4
+    window: int = 20480  # samples
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0: off
+    negatives: str = "speaker"  # batch | sequence | speaker
+    temperature: float = 1.0
+    model: CPCModelConfig = field(default_factory=CPCModelConfig)
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0  # torch.set_num_threads; 0: leave torch's default
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    # evaluation
+    probe_labels: list[str] = field(default_factory=list)  # manifest label columns
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    probe_max_seconds: float = 0.0  # cut utterances longer than this for probing; 0: whole
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    if name == "paper":
+        return {}
+    if name == "cpu-quick":
+        return {
+            "steps": 500,
+            "batch_size": 16,
+            "speakers_per_batch": 4,
+            "window": 10240,
+            "lr": 2e-3,
+            "warmup_steps": 50,
+            "grad_clip": 1.0,
+            "log_every": 10,
+            "checkpoint_every": 100,
+            "model": {"encoder_channels": 128, "encoder_norm": "channel"},
+        }
+    raise ValueError(f"preset={name!r}: expected one of {PRESETS}")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r}: no such file (expected YAML or JSON)")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config={str(path)!r}: expected a mapping at the top level, got "
+                         f"{type(values).__name__}")
+    return values
+
+
+def _apply(target: Any, values: dict[str, Any], where: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{where}{key}={value!r}: unknown setting; expected one of "
+                             f"{sorted(names)}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{key}={value!r}: expected a mapping")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(target, key, value)
+
+
+def build_config(file_values: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None, *, cuda: bool = False
+                 ) -> CPCSpeechConfig:
+    """Preset, then ``file_values``, then ``overrides`` (None values ignored)."""
+    file_values = dict(file_values or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = overrides.get("preset", file_values.get("preset", "auto"))
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {PRESETS}")
+    device = overrides.get("device", file_values.get("device", "auto"))
+    if preset == "auto":
+        on_cuda = str(device).startswith("cuda") or (device == "auto" and cuda)
+        preset = "paper" if on_cuda else "cpu-quick"
+    config = CPCSpeechConfig()
+    _apply(config, preset_values(preset), "preset.")
+    _apply(config, file_values, "config.")
+    _apply(config, overrides, "--")
+    config.preset = preset
+    # re-run the nested validations on the final values
+    config.model = CPCModelConfig(**dataclasses.asdict(config.model))
+    config.probe = ProbeConfig(**dataclasses.asdict(config.probe))
+    validate(config)
+    return config
+
+
+def validate(config: CPCSpeechConfig) -> None:
+    from .criterion import NEGATIVE_MODES
+
+    positive = ("steps", "batch_size", "speakers_per_batch", "window", "log_every",
+                "checkpoint_every", "corpus_speakers", "corpus_utterances")
+    for name in positive:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive integer")
+    if config.window % 160:
+        raise ValueError(f"window={config.window!r}: expected a multiple of 160 (one frame is "
+                         "160 samples)")
+    if config.window // 160 <= config.model.prediction_steps:
+        raise ValueError(f"window={config.window!r}: expected more than "
+                         f"{config.model.prediction_steps} frames (prediction_steps) per window")
+    if config.negatives not in NEGATIVE_MODES:
+        raise ValueError(f"negatives={config.negatives!r}: expected one of {NEGATIVE_MODES}")
+    if not config.lr > 0:
+        raise ValueError(f"lr={config.lr!r}: expected a positive number")
+    if config.data is not None and config.manifest is not None:
+        raise ValueError(f"data={config.data!r} and manifest={config.manifest!r}: expected at "
+                         "most one source")
+    if isinstance(config.probe_labels, str):
+        config.probe_labels = [s for s in config.probe_labels.split(",") if s]

@@ -1,0 +1,1 @@
+"""What the recipes share: checkpoints, metrics logging, tables, plots, distributed setup."""
