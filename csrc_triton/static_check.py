@@ -105,12 +105,13 @@ def _backward_source(cfg: BackwardConfig, dtype: str) -> tuple[ASTSource, dict]:
         "q_ptr": f"*{t}", "k_ptr": f"*{t}", "scale_ptr": "*fp32",
         "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32", "grad_row_ptr": "*fp32", "grad_col_ptr": "*fp32",
         "dq_acc_ptr": "*fp32", "dk_ptr": f"*{t}", "dscale_part_ptr": "*fp32",
+        "grad_pos_ptr": "*fp32", "row_labels_ptr": "*i64", "col_labels_ptr": "*i64",
         "N": "i32", "M": "i32", "D": "i32",
         "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
-        "row_blocks_per_split": "i32",
+        "row_blocks_per_split": "i32", "positive_offset": "i32",
     }
     constexprs = {
-        "EXCLUDE_DIAGONAL": False, "HAS_COL": True, "DK_ATOMIC": False,
+        "EXCLUDE_DIAGONAL": False, "HAS_COL": True, "DK_ATOMIC": False, "POSITIVES": 1,
         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "BLOCK_DO": cfg.block_do,
     }

@@ -227,11 +227,14 @@ def _lse_backward_kernel(
     dq_acc_ptr,  # (N, D) fp32, zero-initialised, contiguous; dQ contributions added atomically
     dk_ptr,  # (M, D) contiguous: k's dtype, or fp32 zero-initialised when DK_ATOMIC
     dscale_part_ptr,  # (row splits * column blocks,) fp32
+    grad_pos_ptr, row_labels_ptr, col_labels_ptr,  # positive term (POSITIVES != 0)
     N, M, D,
     stride_qn, stride_qd, stride_kn, stride_kd,
     row_blocks_per_split,
+    positive_offset,
     EXCLUDE_DIAGONAL: tl.constexpr,
     HAS_COL: tl.constexpr,
+    POSITIVES: tl.constexpr,  # 0: none, 1: j = (i + positive_offset) mod M, 2: equal labels
     DK_ATOMIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -271,6 +274,8 @@ def _lse_backward_kernel(
         # Column term only where h_j != 0 and c_j > -inf (exp(-inf - -inf) would be NaN);
         # a NaN c_j stays live so that NaN inputs give NaN gradients.
         col_live = col_ok & (grad_col != 0.0) & (col_lse != float("-inf"))
+    if POSITIVES == 2:
+        col_labels = tl.load(col_labels_ptr + offs_n, mask=col_ok, other=0)
     # The slice k_j[offs_do] that dQ needs, loaded once.
     k_out = tl.load(k_block + local_n[:, None] * stride_kn + offs_do[None, :] * stride_kd,
                     mask=col_ok[:, None] & do_ok[None, :], other=0.0)
@@ -317,6 +322,16 @@ def _lse_backward_kernel(
             #      + h_j softmax_col(S)_ij = h_j exp(S_ij - c_j)
             grad += tl.where(allowed & col_live[None, :],
                              grad_col[None, :] * tl.exp(logits - col_lse[None, :]), 0.0)
+        if POSITIVES != 0:
+            #      + w_i on the positives j of row i (dL/dS_ij of a term sum_i w_i sum_{j in P(i)} S_ij),
+            # added here so that it cancels the softmax term in fp32, before any rounding.
+            grad_pos = tl.load(grad_pos_ptr + offs_m, mask=row_ok, other=0.0)
+            if POSITIVES == 1:
+                is_positive = offs_n[None, :] == ((offs_m + positive_offset) % M)[:, None]
+            else:
+                row_labels = tl.load(row_labels_ptr + offs_m, mask=row_ok, other=0)
+                is_positive = row_labels[:, None] == col_labels[None, :]
+            grad += tl.where(allowed & is_positive, grad_pos[:, None], 0.0)
         if pid_do == 0:
             # ds = sum_ij G_ij dS_ij/ds = sum_ij G_ij (q_i . k_j)
             dscale += tl.sum(grad * dot, axis=0)
@@ -479,15 +494,31 @@ def lse_backward(
     col_lse: Tensor,
     exclude_diagonal: bool,
     *,
+    grad_positive: Tensor | None = None,
+    positive_offset: int = 0,
+    row_labels: Tensor | None = None,
+    col_labels: Tensor | None = None,
     config: BackwardConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i g_i r_i + sum_j h_j c_j with respect to q, k and scale.
+    """Gradients of sum_i g_i r_i + sum_j h_j c_j [+ sum_i w_i sum_{j in P(i)} S_ij] with
+    respect to q, k and scale.
+
+    The optional positive term lets a loss fold the gradient of its positive logits into the
+    kernel's G (G_ij += w_i for j in P(i), allowed entries only): it then cancels the softmax
+    part in fp32 before dQ/dK are rounded to a 16-bit dtype, as PyTorch's own backward does
+    (dS = softmax - onehot). Computed outside and added to a bf16 dQ instead, the two large
+    terms cancel after rounding (errors of an ulp of scale * |k|).
 
     Args:
         grad_row: float32 (N,) upstream gradient g of row_lse.
         grad_col: float32 (M,) upstream gradient h of col_lse, or shape (0,) for no column term.
         q, k, scale, exclude_diagonal: as in :func:`lse_forward`.
         row_lse: float32 (N,); col_lse: float32 (M,) (ignored when grad_col is empty).
+        grad_positive: float32 (N,) weights w, or None for no positive term.
+        positive_offset: P(i) = {(i + positive_offset) mod M} (InfoNCE/CLIP: 0; NT-Xent over
+            2N views: N), used when no labels are given.
+        row_labels, col_labels: int (N,) and (M,): P(i) = {j : col_labels[j] == row_labels[i]}
+            (SupCon), instead of the offset; the diagonal counts only if not excluded.
         config: tile override (tests).
 
     Returns:
@@ -514,6 +545,28 @@ def lse_backward(
     else:  # never read; any valid pointer
         grad_col = col_lse = row_lse
 
+    positives = 0
+    if grad_positive is not None:
+        if grad_positive.shape != (n,):
+            raise ValueError(f"grad_positive must have shape ({n},); got {tuple(grad_positive.shape)}")
+        grad_positive = grad_positive.to(torch.float32).contiguous()
+        if row_labels is None and col_labels is None:
+            positives = 1
+            if not 0 <= positive_offset < m:
+                raise ValueError(f"positive_offset must be in [0, {m}); got {positive_offset}")
+            row_labels = col_labels = grad_positive  # never read
+        elif row_labels is not None and col_labels is not None:
+            positives = 2
+            if row_labels.shape != (n,) or col_labels.shape != (m,):
+                raise ValueError(f"row_labels and col_labels must have shapes ({n},) and ({m},); "
+                                 f"got {tuple(row_labels.shape)} and {tuple(col_labels.shape)}")
+            row_labels = row_labels.to(device=device, dtype=torch.int64).contiguous()
+            col_labels = col_labels.to(device=device, dtype=torch.int64).contiguous()
+        else:
+            raise ValueError("row_labels and col_labels must be given together")
+    else:  # never read; any valid pointer
+        grad_positive = row_labels = col_labels = row_lse
+
     col_blocks = triton.cdiv(m, config.block_n)
     do_blocks = triton.cdiv(d, config.block_do)
     row_blocks = triton.cdiv(n, config.block_m)
@@ -528,11 +581,14 @@ def lse_backward(
     _lse_backward_kernel[(col_blocks, do_blocks, splits)](
         q, k, scale, row_lse, col_lse, grad_row, grad_col,
         dq_acc, dk_target, dscale_part,
+        grad_positive, row_labels, col_labels,
         n, m, d,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         row_blocks_per_split,
+        int(positive_offset),
         EXCLUDE_DIAGONAL=bool(exclude_diagonal),
         HAS_COL=has_col,
+        POSITIVES=positives,
         DK_ATOMIC=dk_atomic,
         DOT_PRECISION=_dot_precision(q.dtype),
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
