@@ -25,6 +25,12 @@ def test_csv_manifest_relative_paths_and_labels(tmp_path: Path) -> None:
     assert all(u.path.is_absolute() for u in utts)
 
 
+def test_csv_manifest_with_byte_order_mark(tmp_path: Path) -> None:
+    manifest = tmp_path / "excel.csv"
+    manifest.write_bytes("path,speaker\nx.wav,s1\n".encode("utf-8-sig"))
+    assert read_manifest(manifest)[0].speaker == "s1"
+
+
 def test_jsonl_manifest(tmp_path: Path) -> None:
     manifest = tmp_path / "list.jsonl"
     rows = [{"path": "x/1.wav", "speaker": 7, "split": "test", "age": 31},

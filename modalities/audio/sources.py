@@ -125,7 +125,7 @@ def _read_rows(manifest: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     """Yield (line number, row) from a CSV (header first) or JSON lines / JSON array file."""
     suffix = manifest.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        text = manifest.read_text(encoding="utf-8")
+        text = manifest.read_text(encoding="utf-8-sig")
         if suffix == ".json" and text.lstrip().startswith("["):
             try:
                 rows = json.loads(text)
@@ -151,7 +151,7 @@ def _read_rows(manifest: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                 raise ValueError(f"{manifest}, line {line_no}: no 'path' key; found keys {sorted(row)}")
             yield line_no, row
         return
-    with manifest.open(newline="", encoding="utf-8") as f:
+    with manifest.open(newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM (Excel)
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if "path" not in header:
