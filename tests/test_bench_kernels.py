@@ -178,19 +178,24 @@ def test_targets_are_judged_with_numbers():
 
 
 def test_static_prints_and_writes_the_report(tmp_path, monkeypatch, capsys):
-    rows = [{"kernel": "lse_fwd", "dtype": "bf16", "registers": 168, "spills": 0, "smem": 98304,
-             "wgmma": True},
-            {"kernel": "lse_bwd", "dtype": "fp32", "registers": 255, "spills": 12, "smem": 131072,
-             "wgmma": False}]
+    rows = [{"kernel": "forward", "dtype": "bf16", "registers": 168, "spill_stores": 0,
+             "spill_loads": 0, "shared_bytes": 98304, "wgmma": True},
+            {"kernel": "backward", "dtype": "bf16", "registers": 255, "spill_stores": 0,
+             "spill_loads": 0, "shared_bytes": 131072, "wgmma": False},
+            # fp32 runs IEEE products on FMA units by design: no wgmma expected
+            {"kernel": "forward", "dtype": "fp32", "registers": 255, "spill_stores": 12,
+             "spill_loads": 12, "shared_bytes": 65536, "wgmma": False}]
     fake = types.ModuleType("csrc_triton.static_check")
     fake.static_report = lambda arch=90, dtypes=("bf16", "fp16", "fp32"): rows
     fake.format_table = lambda rs: "FAKE TABLE " + str(len(rs))
     monkeypatch.setitem(sys.modules, "csrc_triton.static_check", fake)
     summary = bk.main(["--static", "--out", str(tmp_path), "--device", "cpu"])
-    assert "FAKE TABLE 2" in capsys.readouterr().out
+    assert "FAKE TABLE 3" in capsys.readouterr().out
     assert json.loads((tmp_path / "static_sm90.json").read_text()) == rows
-    verdicts = [t["met"] for t in summary["targets"]]
-    assert verdicts == [False, False]
+    spills, wgmma = summary["targets"]
+    assert spills["met"] is False and "1 of 3 configs spill (forward/fp32)" in spills["numbers"]
+    assert wgmma["met"] is False and "1 of 2 configs without wgmma" in wgmma["numbers"]
+    assert "fp32" in wgmma["numbers"]
 
 
 def test_targets_bound_a_dense_run_killed_at_the_time_budget():
