@@ -125,6 +125,12 @@ def _lse_forward_kernel(
     k_block = k_ptr + (first_block * BLOCK_N).to(tl.int64) * stride_kn
     for _col_block in range(first_block, last_block):
         col_ok = offs_n < M
+        if COMPUTE_COL:
+            # Read the global column statistics before the tile product, so that the load's
+            # latency hides behind it; the CAS below retries only if another program merged in
+            # between.
+            stats_ptrs = col_stats_ptr + offs_n
+            current = tl.load(stats_ptrs, cache_modifier=".cg")
         # dot_ij = q_i . k_j over D in BLOCK_D chunks (masked tail chunk); K loaded transposed.
         q_chunk = q_block
         k_chunk = k_block
@@ -162,8 +168,6 @@ def _lse_forward_kernel(
             # until every lane succeeded; lanes already done issue a no-op CAS (cmp == val)
             # because atomic_cas takes no mask. The buffer is padded to whole column blocks,
             # so every address is valid and distinct.
-            stats_ptrs = col_stats_ptr + offs_n
-            current = tl.load(stats_ptrs, cache_modifier=".cg")
             todo = offs_n >= 0  # every lane
             while tl.sum(todo.to(tl.int32), axis=0) > 0:
                 cur_max = (current >> 32).to(tl.int32).to(tl.float32, bitcast=True)
