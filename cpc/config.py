@@ -38,6 +38,7 @@ class CPCSpeechConfig:
     strict: bool = False
     corpus_speakers: int = 8  # generated corpus (no --data / --manifest)
     corpus_utterances: int = 24
+    corpus_seconds: list[float] = field(default_factory=lambda: [2.0, 4.0])
     # training
     steps: int = 100000
     batch_size: int = 8  # per process

@@ -193,7 +193,7 @@ class WindowDataset:
 
 def resolve_utterances(*, data: str | Path | None, manifest: str | Path | None,
                        out: str | Path, corpus_speakers: int = 8,
-                       corpus_utterances: int = 24, seed: int = 0,
+                       corpus_utterances: int = 24, corpus_seconds=(2.0, 4.0), seed: int = 0,
                        progress: bool = True) -> tuple[list, Path | None, str]:
     """The utterances of a run: a LibriSpeech folder, a manifest, or (neither) the generated
     corpus in ``<out>/corpus``. Returns (utterances, alignment file or None, description)."""
@@ -214,7 +214,8 @@ def resolve_utterances(*, data: str | Path | None, manifest: str | Path | None,
         return audio.read_manifest(path), None, f"manifest {path}"
     corpus_dir = Path(out) / "corpus"
     path = audio.generate_corpus(corpus_dir, n_speakers=corpus_speakers,
-                                 utterances_per_speaker=corpus_utterances, seed=seed,
+                                 utterances_per_speaker=corpus_utterances,
+                                 seconds=tuple(corpus_seconds), seed=seed,
                                  progress=progress)
     phones = corpus_dir / "phones.txt"
     return audio.read_manifest(path), phones if phones.is_file() else None, \

@@ -23,7 +23,7 @@ import torch
 
 from cpc.config import CPCSpeechConfig, build_config, read_config_file
 from cpc.criterion import CPCCriterion
-from cpc.data import (SpeakerBalancedBatchSampler, WindowDataset, load_utterances,
+from cpc.data import (BadAudioError, SpeakerBalancedBatchSampler, WindowDataset, load_utterances,
                       resolve_utterances)
 from cpc.model import CPCModel, CPCModelConfig, count_parameters
 from cpc.probes import ProbeConfig, frame_probe_data, linear_probe
@@ -141,13 +141,13 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         utts, phones_path, source = resolve_utterances(
             data=config.data, manifest=config.manifest, out=out,
             corpus_speakers=config.corpus_speakers, corpus_utterances=config.corpus_utterances,
-            seed=config.seed, progress=progress)
+            corpus_seconds=config.corpus_seconds, seed=config.seed, progress=progress)
     D.barrier(info)
     if not info.is_main:  # the corpus exists now; generating again is a cheap no-op
         utts, phones_path, source = resolve_utterances(
             data=config.data, manifest=config.manifest, out=out,
             corpus_speakers=config.corpus_speakers, corpus_utterances=config.corpus_utterances,
-            seed=config.seed, progress=False)
+            corpus_seconds=config.corpus_seconds, seed=config.seed, progress=False)
     if config.alignments:
         phones_path = Path(config.alignments)
     if not utts:
@@ -405,7 +405,7 @@ def print_report(summary: dict[str, Any], results: dict[str, dict[str, dict]]) -
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(argv)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, BadAudioError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

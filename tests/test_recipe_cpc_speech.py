@@ -1,0 +1,138 @@
+"""End to end: python -m recipes.cpc_speech on a tiny generated corpus; every output file,
+resume equality, bad-file skip vs --strict, --help, and a 2-process gloo DDP run."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.multiprocessing as mp
+
+from recipes.common.checkpoint import load_checkpoint
+from recipes.cpc_speech import main, run
+
+TINY = {
+    "corpus_speakers": 3, "corpus_utterances": 5, "corpus_seconds": [0.6, 1.0],
+    "window": 3200, "batch_size": 4, "speakers_per_batch": 2, "lr": 1e-3, "warmup_steps": 2,
+    "log_every": 1, "checkpoint_every": 2, "threads": 1,
+    "model": {"encoder_channels": 16, "context_dim": 16, "prediction_steps": 3},
+    "probe": {"iterations": 20},
+}
+
+
+def _config(tmp_path, **extra):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({**TINY, **extra}))
+    return str(path)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data", "--manifest", "--out", "--steps", "--batch-size", "--window",
+                 "--device", "--resume", "--config", "--probe", "--strict", "--seed",
+                 "--alignments"):
+        assert flag in text
+
+
+def test_end_to_end_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    result = run(["--config", _config(tmp_path), "--out", str(out), "--steps", "3", "--quiet",
+                  "--probe", "gender", "--device", "cpu"])
+    for name in ("config.json", "checkpoint.pt", "metrics.jsonl", "probes.json",
+                 "training.png", "probes.png", "summary.json", "corpus/manifest.csv"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["window"] == 3200 and config["preset"] == "cpu-quick"
+    probes = json.loads((out / "probes.json").read_text())
+    assert set(probes) == {"cpc", "mfcc", "random_init"}
+    for kind in probes.values():
+        assert set(kind) == {"phone", "speaker", "gender"}
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in kind.values())
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert len(records[-1]["step_accuracy"]) == 3
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["step"] == 3 and ck["config"]["model"]["encoder_channels"] == 16
+    text = capsys.readouterr().out
+    assert "linear probe accuracy" in text and "random_init" in text
+    assert result["summary"]["skipped_files"] == 0
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    cfg = _config(tmp_path)
+    corpus_out = tmp_path / "full"
+    run(["--config", cfg, "--out", str(corpus_out), "--steps", "4", "--quiet", "--no-probes"])
+    full = _losses(corpus_out)
+    part = tmp_path / "part"
+    run(["--config", cfg, "--out", str(part), "--steps", "2", "--quiet", "--no-probes"])
+    run(["--config", cfg, "--out", str(part), "--steps", "4", "--quiet", "--no-probes",
+         "--resume"])
+    assert _losses(part) == full  # exactly equal on CPU
+
+
+def _bad_manifest(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["path,speaker,split"]
+    for i in range(6):
+        sf.write(tmp_path / f"ok{i}.wav", (0.1 * rng.standard_normal(4800)).astype("float32"),
+                 16000)
+        rows.append(f"ok{i}.wav,s{i % 2},{'test' if i >= 4 else 'train'}")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype="float32"), 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF garbage")
+    rows += ["empty.wav,s0,train", "broken.wav,s1,train"]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return str(tmp_path / "manifest.csv")
+
+
+def test_bad_files_skipped_and_counted_or_strict_error(tmp_path, capsys):
+    manifest = _bad_manifest(tmp_path)
+    args = ["--config", _config(tmp_path), "--manifest", manifest, "--steps", "1", "--quiet"]
+    with pytest.warns(UserWarning, match="skipping"):
+        result = run(args + ["--out", str(tmp_path / "a")])
+    assert result["summary"]["skipped_files"] == 2
+    assert "skipped 2 unreadable or empty audio files" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "b"), "--strict"]) == 2
+    assert "--strict" in capsys.readouterr().err
+
+
+def test_bad_flag_value_is_named(tmp_path, capsys):
+    assert main(["--config", _config(tmp_path), "--window", "1000", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "window=1000" in capsys.readouterr().err
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = run(argv)
+    torch.save(result["summary"]["world_size"], Path(argv[argv.index("--out") + 1]) /
+               f"rank{rank}.pt")
+
+
+def test_two_process_gloo_ddp(tmp_path):
+    out = tmp_path / "ddp"
+    argv = ["--config", _config(tmp_path), "--out", str(out), "--steps", "2", "--quiet",
+            "--no-probes", "--device", "cpu"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    assert torch.load(out / "rank0.pt") == 2 and torch.load(out / "rank1.pt") == 2
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["step"] == 2
+    assert len(_losses(out)) == 2
