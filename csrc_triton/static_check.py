@@ -99,7 +99,7 @@ def _forward_source(cfg: ForwardConfig, dtype: str) -> tuple[ASTSource, dict]:
     return _source(triton_lse._lse_forward_kernel, signature, constexprs)
 
 
-def _backward_source(cfg: BackwardConfig, dtype: str) -> tuple[ASTSource, dict]:
+def _backward_source(cfg: BackwardConfig, dtype: str, wide: bool = False) -> tuple[ASTSource, dict]:
     t = _TRITON_DTYPE[dtype]
     signature = {
         "q_ptr": f"*{t}", "k_ptr": f"*{t}", "scale_ptr": "*fp32",
@@ -111,7 +111,8 @@ def _backward_source(cfg: BackwardConfig, dtype: str) -> tuple[ASTSource, dict]:
         "row_blocks_per_split": "i32", "positive_offset": "i32",
     }
     constexprs = {
-        "EXCLUDE_DIAGONAL": False, "HAS_COL": True, "DK_ATOMIC": False, "POSITIVES": 1,
+        # The heaviest common case: CLIP (row and column terms, diagonal positives folded in).
+        "EXCLUDE_DIAGONAL": False, "HAS_COL": True, "DK_ATOMIC": wide, "WIDE": wide, "POSITIVES": 1,
         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "BLOCK_DO": cfg.block_do,
     }
@@ -119,7 +120,8 @@ def _backward_source(cfg: BackwardConfig, dtype: str) -> tuple[ASTSource, dict]:
 
 
 def compile_one(kernel: str, config: ForwardConfig | BackwardConfig, dtype: str, arch: int = 90) -> dict:
-    """Compile one kernel ("forward" or "backward") in one configuration; return its report row."""
+    """Compile one kernel ("forward", "backward" or "backward-wide") in one configuration; return
+    its report row."""
     return _compile_many([(kernel, config, dtype, arch)])[0]
 
 
@@ -143,8 +145,10 @@ def _compile_many(jobs: Sequence[tuple[str, ForwardConfig | BackwardConfig, str,
 
 
 def _compile_in_process(kernel: str, config: ForwardConfig | BackwardConfig, dtype: str, arch: int) -> dict:
-    make = _forward_source if kernel == "forward" else _backward_source
-    src, _ = make(config, dtype)
+    if kernel == "forward":
+        src, _ = _forward_source(config, dtype)
+    else:
+        src, _ = _backward_source(config, dtype, wide=kernel == "backward-wide")
     target = GPUTarget("cuda", arch, 32)  # (backend, capability, warp size)
     compiled = triton.compile(src, target=target,
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -170,6 +174,10 @@ def static_report(arch: int = 90, dtypes: Sequence[str] | Iterable[str] = ("bf16
     """One row per (kernel, shipped config for ``arch``, dtype): registers, spill bytes
     (stores/loads), shared memory bytes, and whether the tile products use ``wgmma``.
 
+    Kernels: "forward" (row + column LSE), "backward" (dK in registers, grid over output-D
+    chunks, used when D <= 2 * block_do) and "backward-wide" (loop over the output D, dK by
+    atomics, used for wider D); backward variants compiled with row, column and positive terms.
+
     Args:
         arch: compute capability as an int (90 = Hopper sm_90a, 80 = Ampere).
         dtypes: any of "bf16", "fp16", "fp32"; each is compiled with its dtype family's config.
@@ -180,7 +188,7 @@ def static_report(arch: int = 90, dtypes: Sequence[str] | Iterable[str] = ("bf16
         if dtype not in _TRITON_DTYPE:
             raise ValueError(f"dtypes must be among {tuple(_TRITON_DTYPE)}; got {dtype!r}")
         forward, backward = CONFIGS[f"{prefix}-{_FAMILY[dtype]}"]
-        for kernel, config in (("forward", forward), ("backward", backward)):
+        for kernel, config in (("forward", forward), ("backward", backward), ("backward-wide", backward)):
             jobs.append((kernel, config, dtype, arch))
             names.append(f"{prefix}-{_FAMILY[dtype]}")
     rows = _compile_many(jobs)

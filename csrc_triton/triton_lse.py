@@ -240,6 +240,7 @@ def _lse_backward_kernel(
     HAS_COL: tl.constexpr,
     POSITIVES: tl.constexpr,  # 0: none, 1: j = (i + positive_offset) mod M, 2: equal labels
     DK_ATOMIC: tl.constexpr,
+    WIDE: tl.constexpr,  # loop over the output D inside (grid axis 1 has size 1); implies DK_ATOMIC
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -280,11 +281,14 @@ def _lse_backward_kernel(
         col_live = col_ok & (grad_col != 0.0) & (col_lse != float("-inf"))
     if POSITIVES == 2:
         col_labels = tl.load(col_labels_ptr + offs_n, mask=col_ok, other=0)
-    # The slice k_j[offs_do] that dQ needs, loaded once.
-    k_out = tl.load(k_block + local_n[:, None] * stride_kn + offs_do[None, :] * stride_kd,
-                    mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-    if UPCAST:
-        k_out = k_out.to(tl.float32)
+    k_out_offs = local_n[:, None] * stride_kn + offs_do[None, :] * stride_kd
+    dk_block = dk_ptr + (pid_n * BLOCK_N).to(tl.int64) * D
+    dk_offs = local_n[:, None] * D + offs_do[None, :]
+    if not WIDE:
+        # The slice k_j[offs_do] that dQ needs, loaded once.
+        k_out = tl.load(k_block + k_out_offs, mask=col_ok[:, None] & do_ok[None, :], other=0.0)
+        if UPCAST:
+            k_out = k_out.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     dscale = tl.zeros([BLOCK_N], tl.float32)
 
@@ -342,26 +346,52 @@ def _lse_backward_kernel(
 
         # G in the input dtype for the tensor-core products (fp32 inputs: unchanged).
         grad_in = grad.to(in_dtype)
-        q_out = tl.load(q_block + q_out_offs, mask=row_ok[:, None] & do_ok[None, :], other=0.0)
         if UPCAST:
             grad_in = grad_in.to(tl.float32)
-            q_out = q_out.to(tl.float32)
-        # dK_j += sum_i G_ij q_i   (times s after the loop)
-        dk = tl.dot(tl.trans(grad_in), q_out, dk, input_precision=DOT_PRECISION)
-        # dQ_i += s sum_j G_ij k_j
-        dq_part = tl.dot(grad_in, k_out, input_precision=DOT_PRECISION) * scale
-        tl.atomic_add(dq_block + dq_offs, dq_part, mask=row_ok[:, None] & do_ok[None, :], sem="relaxed")
+        if WIDE:
+            # One G tile serves every BLOCK_DO chunk of the output D (no recompute); dK
+            # contributions are added atomically like dQ's.
+            q_out_chunk = q_block
+            k_out_chunk = k_block
+            dq_chunk = dq_block
+            dk_chunk = dk_block
+            for do_start in range(0, D, BLOCK_DO):
+                do_in = offs_do < D - do_start
+                q_out = tl.load(q_out_chunk + q_out_offs, mask=row_ok[:, None] & do_in[None, :], other=0.0)
+                k_out = tl.load(k_out_chunk + k_out_offs, mask=col_ok[:, None] & do_in[None, :], other=0.0)
+                if UPCAST:
+                    q_out = q_out.to(tl.float32)
+                    k_out = k_out.to(tl.float32)
+                # dK_j += s sum_i G_ij q_i
+                dk_part = tl.dot(tl.trans(grad_in), q_out, input_precision=DOT_PRECISION) * scale
+                tl.atomic_add(dk_chunk + dk_offs, dk_part, mask=col_ok[:, None] & do_in[None, :], sem="relaxed")
+                # dQ_i += s sum_j G_ij k_j
+                dq_part = tl.dot(grad_in, k_out, input_precision=DOT_PRECISION) * scale
+                tl.atomic_add(dq_chunk + dq_offs, dq_part, mask=row_ok[:, None] & do_in[None, :], sem="relaxed")
+                q_out_chunk += BLOCK_DO * stride_qd
+                k_out_chunk += BLOCK_DO * stride_kd
+                dq_chunk += BLOCK_DO
+                dk_chunk += BLOCK_DO
+        else:
+            q_out = tl.load(q_block + q_out_offs, mask=row_ok[:, None] & do_ok[None, :], other=0.0)
+            if UPCAST:
+                q_out = q_out.to(tl.float32)
+            # dK_j += sum_i G_ij q_i   (times s after the loop)
+            dk = tl.dot(tl.trans(grad_in), q_out, dk, input_precision=DOT_PRECISION)
+            # dQ_i += s sum_j G_ij k_j
+            dq_part = tl.dot(grad_in, k_out, input_precision=DOT_PRECISION) * scale
+            tl.atomic_add(dq_block + dq_offs, dq_part, mask=row_ok[:, None] & do_ok[None, :], sem="relaxed")
 
         offs_m += BLOCK_M
         q_block += q_block_step
         dq_block += dq_block_step
 
-    dk = dk * scale
-    dk_ptrs = dk_ptr + (pid_n * BLOCK_N).to(tl.int64) * D + (local_n[:, None] * D + offs_do[None, :])
-    if DK_ATOMIC:
-        tl.atomic_add(dk_ptrs, dk, mask=col_ok[:, None] & do_ok[None, :], sem="relaxed")
-    else:
-        tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & do_ok[None, :])
+    if not WIDE:
+        dk = dk * scale
+        if DK_ATOMIC:
+            tl.atomic_add(dk_block + dk_offs, dk, mask=col_ok[:, None] & do_ok[None, :], sem="relaxed")
+        else:
+            tl.store(dk_block + dk_offs, dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & do_ok[None, :])
     if pid_do == 0:
         tl.store(dscale_part_ptr + split * tl.num_programs(0) + pid_n, tl.sum(dscale, axis=0))
 
@@ -503,6 +533,7 @@ def lse_backward(
     row_labels: Tensor | None = None,
     col_labels: Tensor | None = None,
     config: BackwardConfig | None = None,
+    wide: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i g_i r_i + sum_j h_j c_j [+ sum_i w_i sum_{j in P(i)} S_ij] with
     respect to q, k and scale.
@@ -524,6 +555,9 @@ def lse_backward(
         row_labels, col_labels: int (N,) and (M,): P(i) = {j : col_labels[j] == row_labels[i]}
             (SupCon), instead of the offset; the diagonal counts only if not excluded.
         config: tile override (tests).
+        wide: loop over the output D inside each program, computing every S tile once and
+            adding dK atomically (6 N M D), instead of a grid axis over output chunks that keeps
+            dK in registers and recomputes S per chunk; default: wide when D > 2 * block_do.
 
     Returns:
         dq (N, D) in q's dtype, dk (M, D) in k's dtype, dscale 0-dim float32.
@@ -571,11 +605,15 @@ def lse_backward(
     else:  # never read; any valid pointer
         grad_positive = row_labels = col_labels = row_lse
 
+    if wide is None:
+        # Output D wider than two chunks: recomputing S per chunk would cost more than the
+        # extra dK atomics of the wide variant (see the FLOP count in the module docstring).
+        wide = d > 2 * config.block_do
     col_blocks = triton.cdiv(m, config.block_n)
-    do_blocks = triton.cdiv(d, config.block_do)
+    do_blocks = 1 if wide else triton.cdiv(d, config.block_do)
     row_blocks = triton.cdiv(n, config.block_m)
     splits, row_blocks_per_split = _splits(row_blocks, col_blocks * do_blocks, config.min_programs)
-    dk_atomic = splits > 1
+    dk_atomic = wide or splits > 1
 
     dq_acc = torch.zeros(n, d, dtype=torch.float32, device=device)
     dk = empty(m, d, dtype=k.dtype, device=device)
@@ -594,6 +632,7 @@ def lse_backward(
         HAS_COL=has_col,
         POSITIVES=positives,
         DK_ATOMIC=dk_atomic,
+        WIDE=bool(wide),
         DOT_PRECISION=_dot_precision(q.dtype),
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d, BLOCK_DO=config.block_do,
