@@ -14,28 +14,43 @@ exact whatever the scale (no fixed shift). Two tiny kernels then turn the statis
 lse = max + log(sum).
 
 Backward (:func:`lse_backward`) recomputes each S tile from Q, K (FlashAttention-2 style):
-    G_ij = g_i exp(S_ij - r_i) + h_j exp(S_ij - c_j)   (allowed entries; 0 elsewhere)
+    G_ij = g_i exp(S_ij - r_i) + h_j exp(S_ij - c_j) [+ w_i if j is a positive of i]
+           (allowed entries; 0 elsewhere)
     dQ = s G K,   dK = s G^T Q,   ds = sum_ij G_ij (q_i . k_j)
-Grid (column blocks, output-D chunks, row splits). A program owns BLOCK_N keys and a BLOCK_DO
-wide slice of the output D: it accumulates its dK slice in registers and atomically adds its dQ
-contributions to an fp32 (N, D) buffer; the programs of the first D chunk also write a partial
-ds.
+The optional positive term (w, positives by index offset or by labels) lets a loss fold the
+gradient of its positive logits into G, so that it cancels the softmax part in fp32 before dQ/dK
+are rounded to bf16/fp16.
+Grid (column blocks, output-D chunks, row splits); a program owns BLOCK_N keys and loops over its
+row blocks. Two variants of the output side:
+  * D <= 2 * BLOCK_DO: the program also owns a BLOCK_DO wide slice of the output D; it keeps its
+    dK slice in registers (plain store at the end) and atomically adds its dQ contributions to an
+    fp32 (N, D) buffer. Each output chunk recomputes S.
+  * "wide" (D > 2 * BLOCK_DO, e.g. D = 768): one program per key block; each S tile is computed
+    once and, held as G, multiplies every BLOCK_DO chunk of K and Q; both dQ and dK contributions
+    are added atomically to fp32 buffers.
+When there are few key blocks the row range is split across programs too (grid axis 2), and
+dK is then added atomically. ds: one partial per program, summed in a fixed order.
 
-FLOPs (multiply-adds count 2), with n_do = ceil(D / BLOCK_DO) output chunks:
-    forward:  2 N M D                       (one tile product for r and c together)
-    backward: 2 N M D * n_do   (recompute S, once per output chunk)
-              + 2 N M D (dQ) + 2 N M D (dK)
-    total:    (6 + 2 n_do) N M D; = 8 N M D, the minimum for a symmetric loss, when
-              D <= BLOCK_DO (128 on sm_90/sm_80 in bf16/fp16; 64 in fp32). For D = 768 in bf16,
-              n_do = 6 and the total is 18 N M D: splitting the output D keeps the dK accumulator
-              in registers at the price of recomputing S once per chunk.
-Exponentials: 2 N M (forward, row and column) + 2 N M per output chunk (backward).
-Saved state: r (N,) and c (M,); workspaces: (splits, N) row stats, padded (M,) packed column
-stats, (N, D) fp32 dQ buffer, one float per program for ds. Nothing N x M.
+FLOPs (a multiply-add counts 2), n_do = ceil(D / BLOCK_DO):
+    forward:             2 N M D        (one tile product gives r and c together)
+    backward, narrow:    2 N M D n_do   (S recompute per output chunk) + 2 N M D (dQ) + 2 N M D (dK)
+    backward, wide:      6 N M D        (S recompute once + dQ + dK)
+    total:  8 N M D -- the minimum for a symmetric loss -- when D <= BLOCK_DO (one chunk) and
+            for every D > 2 * BLOCK_DO (wide); 10 N M D for BLOCK_DO < D <= 2 * BLOCK_DO.
+            BLOCK_DO = 128 for bf16/fp16 on sm_90/sm_80, 64 for fp32, so D = 128: 8 N M D,
+            D = 256: 10 N M D, D = 768: 8 N M D.
+    atomics (fp32 adds): dQ: N D ceil(M / BLOCK_N); wide adds dK: M D ceil(N / BLOCK_M)
+            (each N M D / 64 with the 64 x 64 backward tiles of sm_90).
+Exponentials: 2 N M (forward: row and column statistics) + 2 N M per S computation (backward).
+Saved state: r (N,) and c (M,). Workspaces: (splits, N) row statistics, ceil(M / BLOCK_N) *
+BLOCK_N packed column statistics, (N, D) fp32 dQ (and in wide / row-split mode (M, D) fp32 dK)
+buffers, one float per program for ds. Nothing N x M.
 
 Precision: tile products accumulate in fp32. fp32 inputs use ``input_precision="ieee"`` (no TF32)
-so fp32 results match PyTorch's fp32 matmul; bf16/fp16 inputs use the tensor cores, and G is
-rounded to the input dtype for the dQ/dK products (as PyTorch's own backward does).
+so fp32 results match PyTorch's fp32 matmul (these run on FMA units, not tensor cores); bf16/fp16
+inputs use the tensor cores, and G is rounded to the input dtype for the dQ/dK products (as
+PyTorch's own backward rounds the softmax gradient). Safe for scale up to 100 and beyond: every
+exp() argument is <= 0 after the max shift; -inf statistics are guarded (exp(-inf - -inf)).
 """
 from __future__ import annotations
 
