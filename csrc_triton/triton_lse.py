@@ -64,7 +64,9 @@ from torch import Tensor
 from ._alloc import empty
 from .tile_configs import BackwardConfig, ForwardConfig, get_configs
 
-_NEG_INF = float("-inf")
+# (max, sum) = (-inf, 0) packed: fp32 bits of -inf (0xFF800000) high, of 0.0 low, as a signed
+# int64; a constant fill (no host-to-device copy), so it is also fine under CUDA-graph capture.
+_PACKED_IDENTITY = 0xFF80000000000000 - 2**64
 
 
 def _interpreting() -> bool:
@@ -503,8 +505,7 @@ def lse_forward(
     row_sum = torch.empty(splits, n, dtype=torch.float32, device=device)
     if compute_col:
         # (-inf, 0) per column, padded to whole column blocks so every CAS address is valid.
-        identity = torch.tensor([0.0, _NEG_INF], dtype=torch.float32, device=device).view(torch.int64)
-        col_stats = identity.expand(col_blocks * config.block_n).contiguous()
+        col_stats = torch.full((col_blocks * config.block_n,), _PACKED_IDENTITY, dtype=torch.int64, device=device)
     else:
         col_stats = torch.empty(1, dtype=torch.int64, device=device)
 
