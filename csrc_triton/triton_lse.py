@@ -64,6 +64,8 @@ from torch import Tensor
 from ._alloc import empty
 from .tile_configs import BackwardConfig, ForwardConfig, get_configs
 
+__all__ = ["lse_forward", "lse_backward"]
+
 # (max, sum) = (-inf, 0) packed: fp32 bits of -inf (0xFF800000) high, of 0.0 low, as a signed
 # int64; a constant fill (no host-to-device copy), so it is also fine under CUDA-graph capture.
 _PACKED_IDENTITY = 0xFF80000000000000 - 2**64
@@ -265,8 +267,9 @@ def _lse_backward_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
-    """Program (column block, output-D chunk, row split): dK rows of its keys restricted to its
-    D chunk, dQ contributions of its keys (atomic adds), partial ds (first D chunk only)."""
+    """Program (column block, output-D chunk, row split), looping over its row blocks: the dK
+    rows of its keys restricted to its D chunk (registers; WIDE: every chunk, atomic adds), the
+    dQ contributions of its keys (atomic adds), a partial ds (first D chunk only)."""
     pid_n = tl.program_id(0)
     pid_do = tl.program_id(1)
     split = tl.program_id(2)
