@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 NEGATIVE_MODES = ("batch", "sequence", "speaker")
 
@@ -60,6 +61,11 @@ class CPCCriterion(nn.Module):
             product).
         accuracy_rows: queries per step on which the accuracy is measured.
         backend: passed to ``csrc_triton.info_nce``.
+        similarity: ``"dot"`` (the paper: logits are plain dot products) or ``"cosine"``
+            (predictions and keys L2-normalised before the dot product, as in wav2vec 2.0;
+            use with a temperature around 0.1). Cosine logits are bounded, so the encoder
+            cannot lower the loss by inflating norms, and training on small CPU budgets is
+            much steadier.
 
     ``forward(predictions, z, lengths, speakers=None)``:
         predictions ``(K, B, S, C)`` from :meth:`cpc.model.CPCModel.predict`; z ``(B, S, C)``;
@@ -68,13 +74,17 @@ class CPCCriterion(nn.Module):
     """
 
     def __init__(self, negatives: str = "batch", temperature: float = 1.0,
-                 accuracy_rows: int = 256, backend: str = "auto") -> None:
+                 accuracy_rows: int = 256, backend: str = "auto",
+                 similarity: str = "dot") -> None:
         super().__init__()
         if negatives not in NEGATIVE_MODES:
             raise ValueError(f"negatives={negatives!r}: expected one of {NEGATIVE_MODES}")
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r}: expected a positive number")
+        if similarity not in ("dot", "cosine"):
+            raise ValueError(f"similarity={similarity!r}: expected 'dot' or 'cosine'")
         self.negatives = negatives
+        self.similarity = similarity
         self.temperature = float(temperature)
         self.accuracy_rows = int(accuracy_rows)
         self.backend = backend
@@ -103,6 +113,9 @@ class CPCCriterion(nn.Module):
             )
         steps, batch, frames, _ = predictions.shape
         device = z.device
+        if self.similarity == "cosine":
+            predictions = F.normalize(predictions, dim=-1)
+            z = F.normalize(z, dim=-1)
         if lengths is None:
             lengths = torch.full((batch,), frames, dtype=torch.long, device=device)
         lengths = torch.as_tensor(lengths, device=device).long().clamp(max=frames)

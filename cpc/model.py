@@ -103,6 +103,17 @@ class Encoder(nn.Module):
             self.norms.append(ChannelNorm(channels) if norm == "channel" else nn.Identity())
             in_ch = channels
         self.channels = channels
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # He initialisation with zero biases. With PyTorch's default (uniform, std 1/sqrt(3 fan_in))
+        # each ReLU layer shrinks the signal about 2.5x while the biases keep their size, so after
+        # five layers the output is a constant bias pattern plus a small residue of the input:
+        # measured on the generated corpus, the time variation of z is 6x smaller than with He
+        # init, and CPC training then collapses it further instead of learning.
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.dim() != 2:
