@@ -72,6 +72,7 @@ class BenchConfig:
     check: bool = True
     warmup: int = 1
     seed: int = 0
+    scale: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="untimed full-size iterations before timing on CPU (sizes above "
                              "8192 get only a small-size warmup)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    parser.add_argument(
+        "--scale", type=float, default=None,
+        help="multiplier of the logits (features are unit vectors): clip's logit_scale, or "
+             "1/temperature for the other losses (default: each loss's usual value: clip 1/0.07, "
+             "info_nce 1/0.07, nt_xent 1/0.5, supcon 1/0.1); CLIP training drives logit_scale "
+             "up to 100, where many exp arguments fall below -87")
     return parser
 
 
@@ -209,6 +216,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         _fail("--warmup", args.warmup, "an integer >= 0")
     if args.max_n_search < 0:
         _fail("--max-n-search", args.max_n_search, "0 (no search) or a positive N")
+    if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):
+        _fail("--scale", args.scale, "a finite positive number")
     if args.time_budget_s <= 0:
         _fail("--time-budget-s", args.time_budget_s, "a positive number of seconds")
     mem_budget = args.mem_budget_gb
@@ -226,6 +235,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
         loss=args.loss, device=device, repeats=args.repeats, max_n_search=args.max_n_search,
         mem_budget_gb=float(mem_budget), time_budget_s=args.time_budget_s, out=args.out,
         static=args.static, check=args.check, warmup=args.warmup, seed=args.seed,
+        scale=args.scale,
     )
     return cfg, measure
 
@@ -240,11 +250,17 @@ def flop_count(n: int, m: int, d: int) -> int:
     return 8 * n * m * d
 
 
-def make_problem(loss: str, n: int, d: int, dtype, device, seed: int):
+DEFAULT_SCALE = {"clip": 1 / 0.07, "info_nce": 1 / 0.07, "nt_xent": 1 / 0.5, "supcon": 1 / 0.1}
+
+
+def make_problem(loss: str, n: int, d: int, dtype, device, seed: int, scale: float | None = None):
     """Leaf inputs (requiring grad) and a closure ``call(backend) -> scalar loss``.
 
-    ``n`` is the side of the N x N similarity matrix (views, for nt_xent).
+    ``n`` is the side of the N x N similarity matrix (views, for nt_xent); ``scale`` multiplies
+    the logits (clip's logit_scale, 1/temperature otherwise), None for the loss's usual value.
     """
+    if loss in DEFAULT_SCALE and scale is None:
+        scale = DEFAULT_SCALE[loss]
     import torch
     import torch.nn.functional as F
 
@@ -258,24 +274,25 @@ def make_problem(loss: str, n: int, d: int, dtype, device, seed: int):
 
     if loss == "clip":
         image, text = features(n), features(n)
-        scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
-        leaves = [image, text, scale]
+        logit_scale = torch.tensor(scale, device=device, requires_grad=True)
+        leaves = [image, text, logit_scale]
 
         def call(backend: str):
-            return csrc_triton.clip_loss(image, text, scale, backend=backend)
+            return csrc_triton.clip_loss(image, text, logit_scale, backend=backend)
     elif loss == "info_nce":
         query, key = features(n), features(n)
         leaves = [query, key]
 
         def call(backend: str):
-            return csrc_triton.info_nce(query, key, temperature=0.07, backend=backend)
+            return csrc_triton.info_nce(query, key, temperature=1 / scale, backend=backend)
     elif loss == "nt_xent":
         half = max(n // 2, 1)
         z1, z2 = features(half), features(half)
         leaves = [z1, z2]
 
         def call(backend: str):
-            return csrc_triton.nt_xent(z1, z2, temperature=0.5, normalize=False, backend=backend)
+            return csrc_triton.nt_xent(z1, z2, temperature=1 / scale, normalize=False,
+                                       backend=backend)
     elif loss == "supcon":
         feats = features(n)
         # About four members per class, so most anchors have positives; a few singletons remain
@@ -285,7 +302,7 @@ def make_problem(loss: str, n: int, d: int, dtype, device, seed: int):
         leaves = [feats]
 
         def call(backend: str):
-            return csrc_triton.supcon(feats, labels, temperature=0.1, normalize=False,
+            return csrc_triton.supcon(feats, labels, temperature=1 / scale, normalize=False,
                                       backend=backend)
     else:
         raise ValueError(f"loss={loss!r}: expected one of {', '.join(LOSSES)}")
@@ -312,10 +329,11 @@ def _rel_rms(x, ref) -> float:
     return err / denom if denom > 0 else err
 
 
-def _loss_and_grads(loss: str, n: int, d: int, dtype, device, seed: int, backend: str):
+def _loss_and_grads(loss: str, n: int, d: int, dtype, device, seed: int, backend: str,
+                    scale: float | None = None):
     import torch
 
-    leaves, call = make_problem(loss, n, d, dtype, device, seed)
+    leaves, call = make_problem(loss, n, d, dtype, device, seed, scale)
     value = call(backend)
     upstream = torch.randn((), generator=torch.Generator().manual_seed(seed + 1)).item()
     (value * upstream).backward()
@@ -336,8 +354,9 @@ def correctness_check(cfg: BenchConfig) -> list[dict]:
     dtype = getattr(torch, DTYPES[cfg.dtype])
     d = min(cfg.dim, 130)
     n = CHECK_N + (CHECK_N % 2 if cfg.loss == "nt_xent" else 0)
-    truth = _loss_and_grads(cfg.loss, n, d, torch.float64, cfg.device, cfg.seed, "dense")
-    dense_same = _loss_and_grads(cfg.loss, n, d, dtype, cfg.device, cfg.seed, "dense")
+    truth = _loss_and_grads(cfg.loss, n, d, torch.float64, cfg.device, cfg.seed, "dense",
+                            cfg.scale)
+    dense_same = _loss_and_grads(cfg.loss, n, d, dtype, cfg.device, cfg.seed, "dense", cfg.scale)
     names = ["loss"] + [f"grad[{i}]" for i in range(len(truth[1]))]
     truth_all = [truth[0], *truth[1]]
     dense_all = [dense_same[0], *dense_same[1]]
@@ -346,7 +365,7 @@ def correctness_check(cfg: BenchConfig) -> list[dict]:
         report: dict[str, Any] = {"backend": backend, "n": n, "d": d, "dtype": cfg.dtype,
                                   "passed": True, "errors": {}, "message": ""}
         try:
-            got = _loss_and_grads(cfg.loss, n, d, dtype, cfg.device, cfg.seed, backend)
+            got = _loss_and_grads(cfg.loss, n, d, dtype, cfg.device, cfg.seed, backend, cfg.scale)
         except Exception as exc:  # a backend that cannot run cannot be benchmarked either
             report["passed"] = False
             report["message"] = f"{type(exc).__name__}: {exc}"
@@ -430,13 +449,14 @@ def _measure_cpu(spec: dict) -> dict:
 
     # Lazy initialisation (thread pools, kernels, first-call dispatch) on a small problem, so a
     # big size needs no full-size warmup.
-    small_leaves, small_call = make_problem(spec["loss"], min(n, 256), d, dtype, "cpu", 1)
+    small_leaves, small_call = make_problem(spec["loss"], min(n, 256), d, dtype, "cpu", 1,
+                                            spec.get("scale"))
     small_call(spec["backend"]).backward()
     del small_leaves, small_call
     # RSS of the runtime alone (torch, its kernels libraries and thread pools, now initialised)
     out["rss_runtime_bytes"] = (_proc_status_kb("VmRSS") or 0) * 1024
 
-    leaves, call = make_problem(spec["loss"], n, d, dtype, "cpu", spec["seed"])
+    leaves, call = make_problem(spec["loss"], n, d, dtype, "cpu", spec["seed"], spec.get("scale"))
     rss_inputs = (_proc_status_kb("VmRSS") or 0) * 1024
     hwm_before = (_proc_status_kb("VmHWM") or 0) * 1024
     reset = _reset_peak_rss()
@@ -490,7 +510,7 @@ def _measure_cuda(spec: dict) -> dict:
     torch.cuda.set_device(dev)
     dtype = getattr(torch, DTYPES[spec["dtype"]])
     n, d = spec["n"], spec["d"]
-    leaves, call = make_problem(spec["loss"], n, d, dtype, dev, spec["seed"])
+    leaves, call = make_problem(spec["loss"], n, d, dtype, dev, spec["seed"], spec.get("scale"))
 
     def step() -> None:
         call(spec["backend"]).backward()
@@ -746,7 +766,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         else:
             spec = {"loss": cfg.loss, "backend": backend, "n": n, "d": cfg.dim,
                     "dtype": cfg.dtype, "device": cfg.device, "repeats": cfg.repeats,
-                    "warmup": cfg.warmup, "seed": cfg.seed}
+                    "warmup": cfg.warmup, "seed": cfg.seed, "scale": cfg.scale}
             child = run_child(spec, mem_budget, cfg.time_budget_s)
         rec = _record(cfg, backend, n, search, child)
         rec["predicted_mem_bytes"] = guess["mem_bytes"]
@@ -944,7 +964,8 @@ def format_results(cfg: BenchConfig, env: dict, result: dict, checked: bool) -> 
     records = result["records"]
     dense = {r["n"]: r for r in records if r["backend"] == "dense" and r["status"] == "ok"}
     lines = [
-        f"{cfg.loss} forward+backward, D={cfg.dim}, {cfg.dtype}, on {env['device_name']} "
+        f"{cfg.loss} forward+backward, D={cfg.dim}, {cfg.dtype}, logit multiplier "
+        f"{cfg.scale if cfg.scale is not None else DEFAULT_SCALE[cfg.loss]:.4g}, on {env['device_name']} "
         f"(torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']})"
         + ("" if checked else "   [UNCHECKED: --no-check]"),
         "FLOP convention: 8*N*M*D per forward+backward (2NMD forward, 6NMD backward), M = N.",

@@ -20,7 +20,7 @@ def test_help_mentions_every_flag():
     text = bk.build_parser().format_help()
     for flag in ["--backends", "--sizes", "--dim", "--dtype", "--loss", "--device", "--repeats",
                  "--max-n-search", "--mem-budget-gb", "--time-budget-s", "--out", "--static",
-                 "--check", "--no-check", "--warmup", "--seed"]:
+                 "--check", "--no-check", "--warmup", "--seed", "--scale"]:
         assert flag in text, flag
     assert "8*N*M*D" in text
 
@@ -136,6 +136,7 @@ def test_check_passes_for_every_loss():
     (["--dim", "-3"], "--dim"),
     (["--repeats", "0"], "--repeats"),
     (["--mem-budget-gb", "-1"], "--mem-budget-gb"),
+    (["--scale", "0"], "--scale"),
     (["--loss", "nt_xent", "--sizes", "63"], "--sizes"),
 ])
 def test_bad_arguments_name_the_argument(argv, argument):
