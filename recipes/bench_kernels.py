@@ -783,7 +783,13 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         ok = [r["n"] for r in records if r["backend"] == backend and r["status"] == "ok"]
         stop = None
         best = max(ok) if ok else None
-        if best is not None and cfg.max_n_search > best:
+        larger_failed = sorted((r["n"], r["status"], r.get("message", "")) for r in records
+                               if r["backend"] == backend and r["status"] != "ok"
+                               and (best is None or r["n"] > best))
+        if larger_failed:
+            # a requested size above the largest success already failed: no need to search
+            stop = "N={}: {} ({})".format(*larger_failed[0])
+        elif best is not None and cfg.max_n_search > best:
             n = best * 2
             while n <= cfg.max_n_search:
                 bar.total += 1
@@ -795,7 +801,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 best = n
                 n *= 2
         if best is None:
-            reason = "no size succeeded"
+            reason = "no size succeeded" + (f"; {stop}" if stop else "")
         elif stop is not None:
             reason = stop
         elif cfg.max_n_search == 0:

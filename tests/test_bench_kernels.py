@@ -91,6 +91,14 @@ def test_largest_n_search_doubles_until_a_budget_stops_it(monkeypatch):
     assert ("dense", 2048) not in started and ("blockwise", 4096) in started
     assert all(r["flops"] == 8 * r["n"] * r["n"] * 16 for r in result["records"])
 
+    # a requested size that fails bounds the largest N exactly: no search above it
+    started.clear()
+    cfg = bk.BenchConfig(backends=("blockwise",), sizes=(1024, 8192), dim=16,
+                         max_n_search=1 << 20, mem_budget_gb=0.02)
+    largest = bk.run_benchmark(cfg)["largest_n"]["blockwise"]
+    assert largest["n"] == 1024 and largest["at_least"] is False
+    assert "N=8192: oom" in largest["stopped_by"] and max(n for _, n in started) == 8192
+
 
 def _wrong_loss_value(original):
     def clip_loss(image, text, scale, *, backend="auto"):
@@ -157,6 +165,8 @@ def test_memory_budget_kills_the_child_and_prediction_skips(tmp_path):
                        "--device", "cpu", "--out", str(tmp_path)])
     (rec,) = summary["records"]
     assert rec["status"] == "skipped-predicted-mem" and rec["predicted_mem_bytes"] > 20e9
+    assert summary["largest_n"]["dense"]["n"] is None
+    assert "skipped-predicted-mem" in summary["largest_n"]["dense"]["stopped_by"]
     assert "UNCHECKED" in summary["table"]
 
 
