@@ -1095,12 +1095,14 @@ def plot(cfg: BenchConfig, env: dict, records: list[dict], path: Path) -> None:
             continue
         ns = [r["n"] for r in ok]
         med = [r["median_s"] for r in ok]
+        color = {"triton": "tab:green", "blockwise": "tab:blue", "dense": "tab:orange"}[backend]
         ax_t.errorbar(ns, med, yerr=[[m - r["p20_s"] for m, r in zip(med, ok)],
                                      [r["p80_s"] - m for m, r in zip(med, ok)]],
-                      marker="o", capsize=3, label=backend)
-        ax_m.plot(ns, [r["peak_mem_bytes"] / 1e9 for r in ok], marker="o", label=f"{backend} peak")
+                      marker="o", capsize=3, color=color, label=backend)
+        ax_m.plot(ns, [r["peak_mem_bytes"] / 1e9 for r in ok], marker="o", color=color,
+                  label=f"{backend} peak")
         ax_m.plot(ns, [max(r["mem_beyond_inputs_bytes"], 1) / 1e9 for r in ok], marker="x",
-                  linestyle="--", label=f"{backend} beyond inputs")
+                  color=color, linestyle="--", label=f"{backend} beyond inputs")
     for ax in (ax_t, ax_m):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -1137,6 +1139,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, measure = config_from_args(argv)
     print("BenchConfig(" + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items())
           + ")", flush=True)
+    if not measure:
+        print("--static without --sizes/--backends: compile report only, no measurements")
     static_rows = run_static(cfg) if cfg.static else None
     summary: dict[str, Any] = {"config": cfg, "static": static_rows}
     if not measure:
