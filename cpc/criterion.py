@@ -19,6 +19,9 @@ query at (b, t) for step k exists iff t + k < length_b; its positive z_{b,t+k} i
 and the keys of a group are exactly the positives of its queries, so no padded frame ever
 enters the loss.
 
+Under DistributedDataParallel every process draws its negatives from its own batch (as
+CPC_audio does); gradients are averaged across processes by DDP.
+
 The loss of step k is the mean over its queries of -log softmax (summed over groups, divided
 by the number of queries); the total is the mean over steps. Accuracy of step k: the fraction
 of queries whose positive has the largest logit among its group's keys, estimated on at most

@@ -4,6 +4,24 @@
     python -m recipes.cpc_speech --data LibriSpeech/train-clean-100 --alignments phones.txt
     torchrun --nproc_per_node 8 -m recipes.cpc_speech --data ... --device cuda
 
+With no arguments the run generates the synthetic corpus in ``<out>/corpus``, resolves the
+``auto`` preset to ``cpu-quick`` on a CPU (printed at start; see :mod:`cpc.config`), trains for
+at most ``train_seconds``, probes, prints the table and writes the plots: about 10 minutes on
+2 CPU cores.
+
+The paper's protocol on LibriSpeech train-clean-100 (64.6 % phone, 97.4 % speaker accuracy
+with linear probes in the paper), on 8 GPUs; ``converted_aligned_phones.txt`` is the CPC
+paper's frame-level alignment file (utterance id, then one phone index per 10 ms):
+
+    torchrun --nproc_per_node 8 -m recipes.cpc_speech --preset paper --device cuda \
+        --data /data/LibriSpeech/train-clean-100 \
+        --alignments /data/LibriSpeech/converted_aligned_phones.txt \
+        --batch-size 8 --window 20480 --steps 200000 --out runs/cpc_librispeech
+
+(paper preset: 512-channel encoder without normalisation, GRU 256, 12 linear predictors,
+same-speaker negatives, Adam 2e-4; probes on a deterministic 80/20 split by utterance unless a
+manifest gives a ``split`` column, e.g. one built from the paper's train/test split files.)
+
 Outputs in ``--out``: config.json (resolved), checkpoint.pt (atomic), metrics.jsonl,
 probes.json, training.png, probes.png, summary.json.
 """
@@ -100,6 +118,14 @@ def config_from_args(args: argparse.Namespace) -> CPCSpeechConfig:
 def _log(info: D.DistInfo, *parts: Any) -> None:
     if info.is_main:
         print(*parts, flush=True)
+
+
+def _time_is_up(t0: float, limit: float, info: D.DistInfo, device: torch.device) -> bool:
+    """Whether the training time limit is reached; rank 0 decides for all ranks."""
+    up = torch.tensor([float(time.perf_counter() - t0 >= limit)], device=device)
+    if info.enabled:
+        torch.distributed.broadcast(up, src=0)
+    return bool(up.item())
 
 
 def lr_at(step: int, config: CPCSpeechConfig) -> float:
@@ -227,7 +253,14 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     last: dict[str, Any] = {}
     windows_seen = 0
     batches = iter(sampler)
+    stopped_early = False
     for step in range(start_step, config.steps):
+        if config.train_seconds and _time_is_up(t_train, config.train_seconds, info, device):
+            stopped_early = True
+            save(step)
+            _log(info, f"\ntraining time limit ({config.train_seconds:.0f}s) reached after "
+                 f"{step} steps")
+            break
         indices = next(batches)
         batch = dataset.collate(indices, step, seed=config.seed, rank=info.rank)
         for group in optimizer.param_groups:
@@ -267,6 +300,9 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         "device": str(device),
         "world_size": info.world_size,
         "steps": config.steps,
+        "steps_done": (step if stopped_early else config.steps) if config.steps > start_step
+        else start_step,
+        "stopped_by_time_limit": stopped_early,
         "start_step": start_step,
         "train_utterances": len(train_utts),
         "held_out_utterances": len(test_utts),
@@ -381,7 +417,7 @@ def _label(utt, label: str) -> str | None:
 
 def print_report(summary: dict[str, Any], results: dict[str, dict[str, dict]]) -> None:
     print()
-    print(f"training: {summary['steps']} steps in {summary['train_seconds']}s "
+    print(f"training: {summary['steps_done']} steps in {summary['train_seconds']}s "
           f"({summary['windows_per_second']} windows/s), final loss {summary['final_loss']}")
     acc = summary.get("final_step_accuracy")
     if acc:
