@@ -84,6 +84,16 @@ def _csv_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: X)' only where the help text does not already state its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m recipes.bench_kernels",
@@ -93,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
             "that fits; writes a JSON file, appends tagged rows to a CSV and plots time and memory "
             "against N. Each measurement runs in a child process."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--backends", default=None,
