@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import positives
 from ._alloc import empty
 
 #: Elements of one (block_rows x M) float32 buffer. Two such buffers are live at a time, so the
@@ -114,6 +115,10 @@ def lse_backward(
     row_lse: Tensor,
     col_lse: Tensor,
     exclude_diagonal: bool,
+    *,
+    grad_positive: Tensor | None = None,
+    positive_offset: int = -1,
+    labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, m = q.shape[0], k.shape[0]
     acc = _acc_dtype(q)
@@ -147,6 +152,8 @@ def lse_backward(
         torch.mm(g, ka, out=dq_acc[start:stop])  # (G k)_i, scaled below
         dk_acc.addmm_(g.T, qa[start:stop])
 
+    if grad_positive is not None:
+        positives.add_grad(dq_acc, dk_acc, qa, ka, grad_positive, exclude_diagonal, positive_offset, labels)
     dscale = empty(dtype=acc, device=q.device)
     dscale.copy_((dq_acc * qa).sum())  # sum_i q_i . (G k)_i
     dq = empty(*q.shape, dtype=q.dtype, device=q.device)

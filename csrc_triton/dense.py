@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import positives
 from ._alloc import empty
 
 
@@ -45,6 +46,10 @@ def lse_backward(
     row_lse: Tensor,
     col_lse: Tensor,
     exclude_diagonal: bool,
+    *,
+    grad_positive: Tensor | None = None,
+    positive_offset: int = -1,
+    labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     s = _logits(q, k, scale, exclude_diagonal)
     acc = s.dtype
@@ -54,10 +59,13 @@ def lse_backward(
         g = g + torch.exp(s - _safe(col_lse.to(acc))[None, :]) * grad_col.to(acc)[None, :]
     qa, ka = q.to(acc), k.to(acc)
     g_k = g @ ka  # dQ / scale
+    g_t_q = g.T @ qa  # dK / scale
+    if grad_positive is not None:
+        positives.add_grad(g_k, g_t_q, qa, ka, grad_positive, exclude_diagonal, positive_offset, labels)
     dq = empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = empty(*k.shape, dtype=k.dtype, device=k.device)
     dq.copy_(scale.to(acc) * g_k)
-    dk.copy_(scale.to(acc) * (g.T @ qa))
+    dk.copy_(scale.to(acc) * g_t_q)
     # dscale = sum_ij G_ij q_i.k_j = sum_i q_i . (G K)_i
     dscale = empty(dtype=acc, device=q.device)
     dscale.copy_((g_k * qa).sum())

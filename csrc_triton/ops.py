@@ -1,13 +1,14 @@
 """PyTorch op registration: ``torch.ops.contrastive.*``.
 
 Core ops (functional, with fake kernels so they trace under ``torch.compile``):
-    contrastive::lse(q, k, scale, exclude_diagonal, compute_col, backend) -> (row_lse, col_lse)
-    contrastive::lse_backward(grad_row, grad_col, q, k, scale, row_lse, col_lse,
-                              exclude_diagonal, backend) -> (dq, dk, dscale)
+    contrastive::lse(q, k, scale, exclude_diagonal, compute_col, positive_offset, labels,
+                     backend) -> (row_lse, col_lse, positive)
+    contrastive::lse_backward(grad_row, grad_col, grad_positive, q, k, scale, row_lse, col_lse,
+                              exclude_diagonal, positive_offset, labels, backend) -> (dq, dk, dscale)
 ``lse`` has autograd; its backward is the ``lse_backward`` op, so a compiled graph keeps the
 recompute-from-LSE backward instead of storing logits.
 
-Loss ops (composite: autograd flows through ``lse`` and O(N D) PyTorch for the positives):
+Loss ops (composite: autograd flows through ``lse``, which also owns the positive logits):
     contrastive::info_nce, contrastive::clip_loss, contrastive::nt_xent, contrastive::supcon
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from . import positives
 
 BACKENDS = ("auto", "triton", "blockwise", "dense")
 
@@ -62,78 +65,123 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # contrastive::lse and its backward
 # --------------------------------------------------------------------------------------------
+def _no_autocast(device: torch.device):
+    # The backends choose their own precision (float32 accumulation); autocast must not turn
+    # their float32 products back into bf16.
+    return torch.autocast(device.type, enabled=False)
+
+
 @torch.library.custom_op("contrastive::lse", mutates_args=())
 def lse(
-    q: Tensor, k: Tensor, scale: Tensor, exclude_diagonal: bool, compute_col: bool, backend: str
-) -> tuple[Tensor, Tensor]:
-    """Row and column log-sum-exp of S = scale * q @ k.T without storing S.
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    exclude_diagonal: bool,
+    compute_col: bool,
+    positive_offset: int,
+    labels: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row and column log-sum-exp of S = scale * q @ k.T without storing S, and the positives.
 
-    q (N, D), k (M, D), scale 0-dim. Returns row_lse (N,) and col_lse (M,), or (0,) when
-    ``compute_col`` is False; float32 (float64 for float64 inputs). ``exclude_diagonal`` drops
-    the entries (i, i).
+    q (N, D), k (M, D), scale 0-dim. Returns row_lse (N,), col_lse (M,) or (0,) when
+    ``compute_col`` is False, and positive (N,) = sum_{j in P(i)} S_ij or (0,) when there is no
+    positive term; float32 (float64 for float64 inputs). ``exclude_diagonal`` drops the entries
+    (i, i). P(i) = {(i + positive_offset) mod M} (none when positive_offset < 0), or with
+    ``labels`` (N == M) every j with i's label (see :mod:`csrc_triton.positives`).
     """
-    return _backend_module(backend, q).lse_forward(q, k, scale, exclude_diagonal, compute_col)
+    with _no_autocast(q.device):
+        row_lse, col_lse = _backend_module(backend, q).lse_forward(q, k, scale, exclude_diagonal, compute_col)
+        if positives.has_positive(positive_offset, labels):
+            acc = _acc_dtype(q)
+            positive = positives.forward(q.to(acc), k.to(acc), scale.to(acc), exclude_diagonal, positive_offset, labels)
+        else:
+            positive = row_lse.new_empty(0)
+    return row_lse, col_lse, positive
 
 
 @lse.register_fake
-def _lse_fake(q, k, scale, exclude_diagonal, compute_col, backend):
+def _lse_fake(q, k, scale, exclude_diagonal, compute_col, positive_offset, labels, backend):
     acc = _acc_dtype(q)
-    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(k.shape[0] if compute_col else 0, dtype=acc)
+    n_pos = q.shape[0] if positives.has_positive(positive_offset, labels) else 0
+    return (
+        q.new_empty(q.shape[0], dtype=acc),
+        q.new_empty(k.shape[0] if compute_col else 0, dtype=acc),
+        q.new_empty(n_pos, dtype=acc),
+    )
 
 
 @torch.library.custom_op("contrastive::lse_backward", mutates_args=())
 def lse_backward(
     grad_row: Tensor,
     grad_col: Tensor,
+    grad_positive: Tensor,
     q: Tensor,
     k: Tensor,
     scale: Tensor,
     row_lse: Tensor,
     col_lse: Tensor,
     exclude_diagonal: bool,
+    positive_offset: int,
+    labels: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i g_i row_lse_i + sum_j h_j col_lse_j w.r.t. q, k and scale.
-
-    ``grad_col`` of shape (0,) means there is no column term.
-    """
-    return _backend_module(backend, q).lse_backward(
-        grad_row, grad_col, q, k, scale, row_lse, col_lse, exclude_diagonal
-    )
+    """Gradients of sum_i g_i row_lse_i + sum_j h_j col_lse_j + sum_i w_i positive_i w.r.t.
+    q, k and scale. ``grad_col`` or ``grad_positive`` of shape (0,) means no such term."""
+    module = _backend_module(backend, q)
+    extra = {}
+    if grad_positive.numel():
+        if module.__name__.endswith("triton_lse"):
+            extra = dict(
+                grad_positive=grad_positive, positive_offset=max(positive_offset, 0), row_labels=labels, col_labels=labels
+            )
+        else:
+            extra = dict(grad_positive=grad_positive, positive_offset=positive_offset, labels=labels)
+    with _no_autocast(q.device):
+        return module.lse_backward(grad_row, grad_col, q, k, scale, row_lse, col_lse, exclude_diagonal, **extra)
 
 
 @lse_backward.register_fake
-def _lse_backward_fake(grad_row, grad_col, q, k, scale, row_lse, col_lse, exclude_diagonal, backend):
+def _lse_backward_fake(
+    grad_row, grad_col, grad_positive, q, k, scale, row_lse, col_lse, exclude_diagonal, positive_offset, labels, backend
+):
     return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=_acc_dtype(q))
 
 
 def _lse_setup_context(ctx, inputs, output):
-    q, k, scale, exclude_diagonal, compute_col, backend = inputs
-    row_lse, col_lse = output
-    ctx.save_for_backward(q, k, scale, row_lse, col_lse)
+    q, k, scale, exclude_diagonal, compute_col, positive_offset, labels, backend = inputs
+    row_lse, col_lse, _ = output
+    ctx.save_for_backward(q, k, scale, row_lse, col_lse, labels)
     ctx.exclude_diagonal = exclude_diagonal
     ctx.compute_col = compute_col
+    ctx.positive_offset = positive_offset
+    ctx.has_positive = positives.has_positive(positive_offset, labels)
     ctx.backend = backend
 
 
-def _lse_autograd_backward(ctx, grad_row, grad_col):
-    q, k, scale, row_lse, col_lse = ctx.saved_tensors
+def _lse_autograd_backward(ctx, grad_row, grad_col, grad_positive):
+    q, k, scale, row_lse, col_lse, labels = ctx.saved_tensors
     if grad_row is None:
         grad_row = torch.zeros_like(row_lse)
     if grad_col is None or not ctx.compute_col:
         grad_col = row_lse.new_empty(0)
+    if grad_positive is None or not ctx.has_positive:
+        grad_positive = row_lse.new_empty(0)
     dq, dk, dscale = torch.ops.contrastive.lse_backward(
         grad_row.to(row_lse.dtype),
         grad_col.to(row_lse.dtype),
+        grad_positive.to(row_lse.dtype),
         q,
         k,
         scale,
         row_lse,
         col_lse,
         ctx.exclude_diagonal,
+        ctx.positive_offset,
+        labels,
         ctx.backend,
     )
-    return dq, dk, dscale.to(scale.dtype), None, None, None
+    return dq, dk, dscale.to(scale.dtype), None, None, None, None, None
 
 
 lse.register_autograd(_lse_autograd_backward, setup_context=_lse_setup_context)
@@ -179,14 +227,16 @@ def info_nce_impl(
     backend: str,
 ) -> Tensor:
     backend = resolve_backend(backend, query.device)
-    positive = _pair_dots(query, key, scale)  # p_i = S_ii
     if in_batch_negatives:
-        row_lse, col_lse = torch.ops.contrastive.lse(query, key, scale, False, symmetric, backend)
+        # the queue, if any, joins the keys: one op owns every logit of row i, so the positive's
+        # gradient cancels the softmax in float32 (an O((N + Q) D) copy, no N x M memory)
+        keys = key if queue is None else torch.cat([key, queue], dim=0)
+        row_lse, col_lse, positive = torch.ops.contrastive.lse(query, keys, scale, False, symmetric, 0, None, backend)
     else:
-        row_lse, col_lse = positive, None  # the positive alone: log exp(p_i)
-    if queue is not None:
-        queue_lse, _ = torch.ops.contrastive.lse(query, queue, scale, False, False, backend)
-        row_lse = torch.logaddexp(row_lse, queue_lse)
+        # MoCo: the positive alone from the batch, the negatives from the queue
+        positive = _pair_dots(query, key, scale)
+        queue_lse, col_lse, _ = torch.ops.contrastive.lse(query, queue, scale, False, False, -1, None, backend)
+        row_lse = torch.logaddexp(positive, queue_lse)
     per_query = row_lse - positive
     if symmetric:
         per_query = 0.5 * (per_query + (col_lse - positive))
@@ -204,12 +254,11 @@ def _unit(x: Tensor) -> Tensor:
 
 def nt_xent_impl(z1: Tensor, z2: Tensor, scale: Tensor, normalize: bool, reduction: str, backend: str) -> Tensor:
     backend = resolve_backend(backend, z1.device)
-    n = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)
     if normalize:
         z = _unit(z)
-    row_lse, _ = torch.ops.contrastive.lse(z, z, scale, True, False, backend)
-    positive = _pair_dots(z, z.roll(n, dims=0), scale)  # view i's partner is i +- N
+    # view i's partner is (i + N) mod 2N
+    row_lse, _, positive = torch.ops.contrastive.lse(z, z, scale, True, False, z1.shape[0], None, backend)
     return _reduce(row_lse - positive, reduction)
 
 
@@ -223,17 +272,15 @@ def supcon_impl(features: Tensor, labels: Tensor, scale: Tensor, normalize: bool
         z = features
     if normalize:
         z = _unit(z)
-    row_lse, _ = torch.ops.contrastive.lse(z, z, scale, True, False, backend)
-    # mean_{p in P(i)} S_ip = s z_i . (sum of z over i's class - z_i) / |P(i)|: O(N D), no tiles
-    acc = _acc_dtype(z)
-    za = z.to(acc)
-    classes, index = torch.unique(labels, return_inverse=True)
-    class_sum = za.new_zeros(classes.shape[0], za.shape[1]).index_add(0, index, za)
-    n_pos = torch.bincount(index, minlength=classes.shape[0])[index] - 1
+    # positive_sum_i = sum_{p in P(i)} S_ip, computed in O(N D) from class sums inside the op
+    row_lse, _, positive_sum = torch.ops.contrastive.lse(z, z, scale, True, False, -1, labels, backend)
+    # |P(i)| = (number of rows with i's label) - 1, by binary search: no data-dependent shapes
+    ordered = torch.sort(labels).values
+    n_pos = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels) - 1
     has_pos = n_pos > 0
-    positive_mean = _pair_dots(za, class_sum[index] - za, scale) / n_pos.clamp(min=1).to(acc)
-    per_anchor = torch.where(has_pos, row_lse - positive_mean, torch.zeros_like(row_lse))
-    return per_anchor.sum() / has_pos.sum().clamp(min=1).to(acc)
+    per_anchor = row_lse - positive_sum / n_pos.clamp(min=1).to(row_lse.dtype)
+    per_anchor = torch.where(has_pos, per_anchor, torch.zeros_like(per_anchor))
+    return per_anchor.sum() / has_pos.sum().clamp(min=1).to(row_lse.dtype)
 
 
 for _name, _fn in (

@@ -1,7 +1,8 @@
 """The registered ops ``torch.ops.contrastive.*``: opcheck, torch.compile, gradcheck.
 
 Schemas (from the spec and the registration):
-    lse(q, k, scale, exclude_diagonal, compute_col, backend) -> (row_lse, col_lse)
+    lse(q, k, scale, exclude_diagonal, compute_col, positive_offset, labels, backend)
+        -> (row_lse, col_lse, positive)
     info_nce(query, key, scale, queue, in_batch_negatives, symmetric, reduction, backend)
     clip_loss(image_features, text_features, logit_scale, backend)
     nt_xent(z1, z2, scale, normalize, reduction, backend)
@@ -46,7 +47,7 @@ def test_lse_values_and_grads(backend, dtype, exclude_diagonal, compute_col, n, 
     scale = _t(3.0)
     qi, ki, si = q.clone().requires_grad_(), k.clone().requires_grad_(), scale.clone().requires_grad_()
     with poison_outputs():
-        row, col = ops.lse(qi, ki, si, exclude_diagonal, compute_col, backend)
+        row, col, _ = ops.lse(qi, ki, si, exclude_diagonal, compute_col, -1, None, backend)
         assert row.dtype == torch.float32 and row.shape == (n,)
         assert col.dtype == torch.float32
         assert col.shape == ((m,) if compute_col else (0,))
@@ -76,7 +77,7 @@ def test_lse_fully_masked_row_is_minus_inf():
     """N = M = 1 with the diagonal excluded leaves nothing in the row: lse = -inf, not NaN."""
     q = torch.randn(1, 4)
     for backend in CPU_BACKENDS:
-        row, _ = ops.lse(q, q, _t(2.0), True, False, backend)
+        row, _, _ = ops.lse(q, q, _t(2.0), True, False, -1, None, backend)
         assert row.item() == float("-inf"), backend
 
 
@@ -86,7 +87,47 @@ def test_opcheck_lse(backend, exclude_diagonal, compute_col):
     q = _feat(6, 5)
     k = _feat(9, 5)
     scale = _t(2.5, grad=True)
-    torch.library.opcheck(ops.lse.default, (q, k, scale, exclude_diagonal, compute_col, backend))
+    torch.library.opcheck(ops.lse.default, (q, k, scale, exclude_diagonal, compute_col, -1, None, backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("positive", ["offset", "labels"])
+def test_opcheck_lse_with_positives(backend, positive):
+    q = _feat(8, 5)
+    k = _feat(8, 5)
+    scale = _t(2.5, grad=True)
+    if positive == "offset":
+        args = (q, k, scale, True, False, 4, None, backend)
+    else:
+        args = (q, q.detach().clone().requires_grad_(), scale, True, False, -1, torch.tensor([0, 1, 0, 2, 1, 1, 3, 0]), backend)
+    torch.library.opcheck(ops.lse.default, args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("positive", ["offset", "labels"])
+def test_lse_positive_gradients_match_dense_logits(backend, positive):
+    """positive_i = sum_{j in P(i)} S_ij and its gradient, against a masked sum of dense S."""
+    q64, k64 = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])
+    q, k = q64.clone().requires_grad_(), k64.clone().requires_grad_()
+    scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    offset, lab = (3, None) if positive == "offset" else (-1, labels)
+    _, _, pos = ops.lse(q, k, scale, True, False, offset, lab, backend)
+    w = torch.randn(8, dtype=torch.float64)
+    grads = torch.autograd.grad((pos * w).sum(), [q, k, scale])
+
+    qr, kr, sr = q64.clone().requires_grad_(), k64.clone().requires_grad_(), scale.detach().clone().requires_grad_()
+    logits = sr * qr @ kr.T
+    if positive == "offset":
+        mask = torch.zeros(8, 8, dtype=torch.bool)
+        mask[torch.arange(8), (torch.arange(8) + 3) % 8] = True
+    else:
+        mask = (labels[:, None] == labels[None, :]) & ~torch.eye(8, dtype=torch.bool)
+    pos_ref = (logits * mask).sum(1)
+    ref = torch.autograd.grad((pos_ref * w).sum(), [qr, kr, sr])
+    torch.testing.assert_close(pos, pos_ref.detach())
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -94,8 +135,8 @@ def test_opcheck_lse_backward(backend):
     q = _feat(6, 5, grad=False)
     k = _feat(6, 5, grad=False)
     scale = _t(2.5)
-    row, col = ops.lse(q, k, scale, False, True, backend)
-    args = (torch.randn(6), torch.randn(6), q, k, scale, row, col, False, backend)
+    row, col, _ = ops.lse(q, k, scale, False, True, -1, None, backend)
+    args = (torch.randn(6), torch.randn(6), torch.empty(0), q, k, scale, row, col, False, -1, None, backend)
     torch.library.opcheck(ops.lse_backward.default, args)
 
 
