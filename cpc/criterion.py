@@ -73,7 +73,8 @@ class CPCCriterion(nn.Module):
     ``forward(predictions, z, lengths, speakers=None)``:
         predictions ``(K, B, S, C)`` from :meth:`cpc.model.CPCModel.predict`; z ``(B, S, C)``;
         lengths ``(B,)`` valid frames per sequence (None: all valid); speakers ``(B,)`` integer
-        speaker ids, required for ``negatives="speaker"``.
+        speaker ids, required for ``negatives="speaker"``; ``accuracy=False`` skips the
+        accuracy (NaN in the output), for steps that do not log it.
     """
 
     def __init__(self, negatives: str = "batch", temperature: float = 1.0,
@@ -107,7 +108,8 @@ class CPCCriterion(nn.Module):
 
     def forward(self, predictions: torch.Tensor, z: torch.Tensor,
                 lengths: torch.Tensor | None = None,
-                speakers: torch.Tensor | None = None) -> CPCLossOutput:
+                speakers: torch.Tensor | None = None,
+                accuracy: bool = True) -> CPCLossOutput:
         if predictions.dim() != 4 or z.dim() != 3 or predictions.shape[1:3] != z.shape[:2] \
                 or predictions.shape[3] != z.shape[2]:
             raise ValueError(
@@ -157,13 +159,15 @@ class CPCCriterion(nn.Module):
                 if m == 0:
                     continue
                 loss_sum = loss_sum + _info_nce(qg, kg, self.temperature, self.backend)
-                c, cnt = self._accuracy(qg, kg, n)
-                correct += c
-                counted += cnt
+                if accuracy:
+                    c, cnt = self._accuracy(qg, kg, n)
+                    correct += c
+                    counted += cnt
             step_loss = loss_sum / n
             total = total + step_loss
             step_losses.append(step_loss.detach())
-            step_acc.append(torch.tensor(correct / max(counted, 1), device=device))
+            step_acc.append(torch.tensor(correct / counted if counted else float("nan"),
+                                         device=device))
             step_n.append(n)
         loss = total / steps
         return CPCLossOutput(

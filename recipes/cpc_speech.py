@@ -19,7 +19,7 @@ paper's frame-level alignment file (utterance id, then one phone index per 10 ms
         --batch-size 8 --window 20480 --steps 200000 --out runs/cpc_librispeech
 
 (paper preset: 512-channel encoder without normalisation, GRU 256, 12 linear predictors,
-same-speaker negatives, Adam 2e-4; probes on a deterministic 80/20 split by utterance unless a
+negatives from the whole batch, Adam 2e-4, 50 random frames per utterance in the phone probe; probes on a deterministic 80/20 split by utterance unless a
 manifest gives a ``split`` column, e.g. one built from the paper's train/test split files.)
 
 Outputs in ``--out``: config.json (resolved), checkpoint.pt (atomic), metrics.jsonl,
@@ -44,7 +44,7 @@ from cpc.criterion import CPCCriterion
 from cpc.data import (BadAudioError, SpeakerBalancedBatchSampler, WindowDataset, load_utterances,
                       resolve_utterances)
 from cpc.model import CPCModel, CPCModelConfig, count_parameters
-from cpc.probes import ProbeConfig, frame_probe_data, linear_probe
+from cpc.probes import ProbeConfig, linear_probe
 from recipes.common import distributed as D
 from recipes.common.checkpoint import (load_checkpoint, rng_state, save_checkpoint,
                                        set_rng_state)
@@ -265,16 +265,18 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         batch = dataset.collate(indices, step, seed=config.seed, rank=info.rank)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
+        done = step + 1
+        logging = done % config.log_every == 0 or done == config.steps or done == start_step + 1
         z, c, predictions = train_model(batch.wave.to(device), predict=True)
-        out_loss = criterion(predictions, z, batch.lengths.to(device), batch.speakers.to(device))
+        out_loss = criterion(predictions, z, batch.lengths.to(device), batch.speakers.to(device),
+                             accuracy=logging)
         optimizer.zero_grad(set_to_none=True)
         out_loss.loss.backward()
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         windows_seen += len(indices) * info.world_size
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps or done == start_step + 1:
+        if logging:
             loss = D.all_reduce_mean(out_loss.loss.detach(), info)
             acc = D.all_reduce_mean(out_loss.step_accuracy, info)
             last = {"step": done, "loss": float(loss), "lr": lr_at(step, config),
@@ -285,7 +287,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
                 metrics.write(last)
         if bar is not None:
             bar.update(1)
-            if last:
+            if last and logging:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc1=last["step_accuracy"][0])
         if done % config.checkpoint_every == 0 or done == config.steps:
             save(done)
@@ -321,8 +323,8 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
             random_model = CPCModel(config.model)
             random_model.load_state_dict(initial_state)
             results, probe_skipped = run_probes(
-                config, model.to("cpu").eval(), random_model.eval(), train_utts, train_waves,
-                test_utts, phones_path, progress)
+                config, model.eval(), random_model, train_utts, train_waves,
+                test_utts, phones_path, progress, device)
             summary["skipped_files"] += len(probe_skipped)
             summary["skipped"] += probe_skipped
             summary["probe_seconds"] = round(time.perf_counter() - t_probe, 1)
@@ -338,46 +340,83 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
 
 
 @torch.no_grad()
-def _features(utts: Sequence, waves: Sequence[torch.Tensor], cpc_model: CPCModel,
-              random_model: CPCModel, max_samples: int, progress: bool
-              ) -> dict[str, list[torch.Tensor]]:
+def _features(utts: Sequence, waves: Sequence[torch.Tensor], models: dict[str, CPCModel],
+              frame_index: Sequence[torch.Tensor | None], max_samples: int,
+              device: torch.device, progress: bool
+              ) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]:
+    """Per kind: (mean-pooled features (D,) per utterance, frame features at ``frame_index``
+    per utterance, or None where the utterance has no frame labels). Only the selected frames
+    are kept, so probing a large corpus stays within memory."""
     from modalities.audio import mfcc
 
-    feats: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURE_KINDS}
+    out = {k: ([], []) for k in FEATURE_KINDS}
     iterator = range(len(utts))
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="probe features", unit="utt", leave=False)
     for i in iterator:
-        wave = waves[i]
-        if max_samples:
-            wave = wave[:max_samples]
-        feats["cpc"].append(cpc_model.features(wave[None])[0])
-        feats["random_init"].append(random_model.features(wave[None])[0])
-        feats["mfcc"].append(mfcc(wave).float())
-    return feats
+        wave = waves[i][:max_samples] if max_samples else waves[i]
+        for kind in FEATURE_KINDS:
+            if kind == "mfcc":
+                f = mfcc(wave).float()
+            else:
+                f = models[kind].features(wave[None].to(device))[0].float().cpu()
+            out[kind][0].append(f.mean(0))
+            idx = frame_index[i]
+            out[kind][1].append(None if idx is None else f[idx.clamp(max=f.shape[0] - 1)])
+    return out
+
+
+def _frame_index(utts: Sequence, waves: Sequence[torch.Tensor], alignments, cap: int,
+                 max_samples: int, seed: int) -> list[torch.Tensor | None]:
+    """Which frames of each utterance enter the frame-level probe: all labelled frames, or a
+    seeded random subset of ``cap`` of them; the same frames for every feature kind."""
+    index: list[torch.Tensor | None] = []
+    for i, (utt, wave) in enumerate(zip(utts, waves)):
+        if alignments is None or utt.id not in alignments:
+            index.append(None)
+            continue
+        n_samples = min(wave.numel(), max_samples) if max_samples else wave.numel()
+        n = min(n_samples // 160, alignments[utt.id].numel())
+        if cap and n > cap:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            index.append(torch.randperm(n, generator=gen)[:cap].sort().values)
+        else:
+            index.append(torch.arange(n))
+    return index
 
 
 def run_probes(config: CPCSpeechConfig, cpc_model: CPCModel, random_model: CPCModel,
                train_utts: Sequence, train_waves: Sequence[torch.Tensor], test_utts: Sequence,
-               phones_path: Path | None, progress: bool
+               phones_path: Path | None, progress: bool, device: torch.device | None = None
                ) -> tuple[dict[str, dict[str, dict]], list]:
     """Linear probes on held-out utterances for every feature kind; returns
-    ``{kind: {label: ProbeResult dict}}`` and the files skipped while reading test audio."""
+    ``{kind: {label: ProbeResult dict}}`` and the files skipped while reading test audio.
+
+    Feature kinds: ``cpc`` (the trained context network's output c_t, as in the paper),
+    ``random_init`` (the same model with the exact weights training started from) and ``mfcc``
+    (13 MFCC + deltas + delta-deltas). Every kind goes through the same probe
+    (:func:`cpc.probes.linear_probe`, same settings, same frames and utterances)."""
     from modalities.audio import read_alignments
 
+    device = device or torch.device("cpu")
     test_utts, test_waves, report = load_utterances(test_utts, strict=config.strict)
     max_samples = int(config.probe_max_seconds * 16000)
-    tr = _features(train_utts, train_waves, cpc_model, random_model, max_samples, progress)
-    te = _features(test_utts, test_waves, cpc_model, random_model, max_samples, progress)
+    alignments = None
+    if phones_path is not None and Path(phones_path).is_file():
+        alignments = read_alignments(phones_path)
+    cap = config.probe_frames_per_utterance
+    tr_idx = _frame_index(train_utts, train_waves, alignments, cap, max_samples, config.seed)
+    te_idx = _frame_index(test_utts, test_waves, alignments, cap, max_samples, config.seed + 1)
+    models = {"cpc": cpc_model.to(device).eval(), "random_init": random_model.to(device).eval()}
+    tr = _features(train_utts, train_waves, models, tr_idx, max_samples, device, progress)
+    te = _features(test_utts, test_waves, models, te_idx, max_samples, device, progress)
     probe_cfg = ProbeConfig(**asdict(config.probe))
     results: dict[str, dict[str, dict]] = {k: {} for k in FEATURE_KINDS}
 
     tasks: list[tuple[str, str]] = []
-    alignments = None
-    if phones_path is not None and Path(phones_path).is_file():
-        alignments = read_alignments(phones_path)
+    if alignments is not None:
         tasks.append(("phone", "frame"))
     if any(u.speaker is not None for u in train_utts):
         tasks.append(("speaker", "utterance"))
@@ -390,21 +429,23 @@ def run_probes(config: CPCSpeechConfig, cpc_model: CPCModel, random_model: CPCMo
     for label, level in tasks:
         for kind in FEATURE_KINDS:
             if level == "frame":
-                tr_i = [i for i, u in enumerate(train_utts) if u.id in alignments]
-                te_i = [i for i, u in enumerate(test_utts) if u.id in alignments]
+                tr_i = [i for i, x in enumerate(tr_idx) if x is not None]
+                te_i = [i for i, x in enumerate(te_idx) if x is not None]
                 if not tr_i or not te_i:
                     break
-                xtr, ytr = frame_probe_data([tr[kind][i] for i in tr_i],
-                                            [alignments[train_utts[i].id] for i in tr_i])
-                xte, yte = frame_probe_data([te[kind][i] for i in te_i],
-                                            [alignments[test_utts[i].id] for i in te_i])
+                xtr = torch.cat([tr[kind][1][i] for i in tr_i])
+                ytr = torch.cat([alignments[train_utts[i].id][tr_idx[i]] for i in tr_i])
+                xte = torch.cat([te[kind][1][i] for i in te_i])
+                yte = torch.cat([alignments[test_utts[i].id][te_idx[i]] for i in te_i])
             else:
-                def pooled(feats, utts):
+                def pooled(pools, utts):
                     keep = [i for i, u in enumerate(utts) if _label(u, label) is not None]
-                    return (torch.stack([feats[i].mean(0) for i in keep]),
+                    if not keep:
+                        return None, []
+                    return (torch.stack([pools[i] for i in keep]),
                             [_label(utts[i], label) for i in keep])
-                xtr, ytr = pooled(tr[kind], train_utts)
-                xte, yte = pooled(te[kind], test_utts)
+                xtr, ytr = pooled(tr[kind][0], train_utts)
+                xte, yte = pooled(te[kind][0], test_utts)
                 if len(ytr) == 0 or len(yte) == 0:
                     break
             results[kind][label] = linear_probe(xtr, ytr, xte, yte, probe_cfg).as_dict()
