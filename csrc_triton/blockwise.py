@@ -59,6 +59,20 @@ def _fold_grad(shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
     return shift, grad
 
 
+#: exp(x) for x below this is subnormal in float32, and this CPU's exp is 10-30x slower there
+#: (a trained CLIP scale of 100 puts most logits of a row that far below its max). Clamping
+#: the shifted logits at the floor changes a sum whose largest term is 1 by at most
+#: M * 1.6e-38; rows or columns with nothing allowed keep their -inf explicitly.
+EXP_FLOOR = {torch.float32: -87.0}
+
+
+def _exp_(x: Tensor) -> Tensor:
+    floor = EXP_FLOOR.get(x.dtype)
+    if floor is not None:
+        x.clamp_min_(floor)
+    return x.exp_()
+
+
 def _block_logits(qs_blk: Tensor, ka: Tensor, out: Tensor, start: int, exclude_diagonal: bool) -> Tensor:
     torch.mm(qs_blk, ka.T, out=out)
     if exclude_diagonal:
@@ -74,8 +88,8 @@ def lse_forward(
 ) -> tuple[Tensor, Tensor]:
     n, m = q.shape[0], k.shape[0]
     acc = _acc_dtype(q)
-    qs = q.to(acc) * scale.to(acc)  # O(N D): fold the scale into q once
-    ka = k.to(acc)
+    qa, ka = q.to(acc), k.to(acc)
+    s_acc = scale.to(acc)
     rows = block_rows_for(n, m)
     logits_buf = torch.empty(rows, m, dtype=acc, device=q.device)
     exp_buf = torch.empty(rows, m, dtype=acc, device=q.device)
@@ -86,23 +100,25 @@ def lse_forward(
 
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        s = _block_logits(qs[start:stop], ka, logits_buf[: stop - start], start, exclude_diagonal)
+        # the scale is folded into a (rows x D) slice of q: no scaled copy of q is kept
+        s = _block_logits(qa[start:stop] * s_acc, ka, logits_buf[: stop - start], start, exclude_diagonal)
         e = exp_buf[: stop - start]
 
-        row_max = _finite_or_zero(s.amax(dim=1))
-        torch.sub(s, row_max[:, None], out=e).exp_()
-        row_lse[start:stop] = row_max + e.sum(dim=1).log()
+        row_max = s.amax(dim=1)
+        torch.sub(s, _finite_or_zero(row_max)[:, None], out=e)
+        lse = _finite_or_zero(row_max) + _exp_(e).sum(dim=1).log()
+        row_lse[start:stop] = torch.where(row_max == -math.inf, row_max, lse)
 
         if compute_col:
             new_max = torch.maximum(col_max, s.amax(dim=0))
             shift = _finite_or_zero(new_max)
-            torch.sub(s, shift[None, :], out=e).exp_()
-            col_sum.mul_(torch.exp(col_max - shift)).add_(e.sum(dim=0))
+            torch.sub(s, shift[None, :], out=e)
+            col_sum.mul_(torch.exp(col_max - shift)).add_(_exp_(e).sum(dim=0))
             col_max = new_max
 
     col_lse = empty(m if compute_col else 0, dtype=acc, device=q.device)
     if compute_col:
-        col_lse.copy_(_finite_or_zero(col_max) + col_sum.log())
+        col_lse.copy_(torch.where(col_max == -math.inf, col_max, _finite_or_zero(col_max) + col_sum.log()))
     return row_lse, col_lse
 
 
@@ -124,7 +140,6 @@ def lse_backward(
     acc = _acc_dtype(q)
     s_acc = scale.to(acc)
     qa, ka = q.to(acc), k.to(acc)
-    qs = qa * s_acc
     has_col = grad_col.numel() > 0
     row_shift, g_row = _fold_grad(_finite_or_zero(row_lse.to(acc)), grad_row.to(acc))
     if has_col:
@@ -134,18 +149,20 @@ def lse_backward(
     logits_buf = torch.empty(rows, m, dtype=acc, device=q.device)
     grad_buf = torch.empty(rows, m, dtype=acc, device=q.device)
 
-    dq_acc = q.new_empty(q.shape, dtype=acc)
+    # accumulators in the accumulation dtype; for float32 inputs they are the outputs themselves
+    dq_acc = empty(*q.shape, dtype=acc, device=q.device)
     dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        s = _block_logits(qs[start:stop], ka, logits_buf[: stop - start], start, exclude_diagonal)
+        s = _block_logits(qa[start:stop] * s_acc, ka, logits_buf[: stop - start], start, exclude_diagonal)
         g = grad_buf[: stop - start]
-        # G = g_i exp(S - r_i) [+ h_j exp(S - c_j)]; excluded entries have S = -inf, so G = 0 there
-        torch.sub(s, row_shift[start:stop, None], out=g).exp_()
+        # G = g_i exp(S - r_i) [+ h_j exp(S - c_j)]; excluded entries have S = -inf, so G = 0
+        # there (or the float32 floor e^-87 ~ 1.6e-38, which no float32 sum can see)
+        _exp_(torch.sub(s, row_shift[start:stop, None], out=g))
         if g_row is not None:
             g.mul_(g_row[start:stop, None])
         if has_col:
-            s.sub_(col_shift[None, :]).exp_()
+            _exp_(s.sub_(col_shift[None, :]))
             if g_col is not None:
                 s.mul_(g_col[None, :])
             g.add_(s)
@@ -156,8 +173,10 @@ def lse_backward(
         positives.add_grad(dq_acc, dk_acc, qa, ka, grad_positive, exclude_diagonal, positive_offset, labels)
     dscale = empty(dtype=acc, device=q.device)
     dscale.copy_((dq_acc * qa).sum())  # sum_i q_i . (G k)_i
+    dq_acc.mul_(s_acc)
+    dk_acc.mul_(s_acc)
+    if q.dtype == acc and k.dtype == acc:
+        return dq_acc, dk_acc, dscale
     dq = empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = empty(*k.shape, dtype=k.dtype, device=k.device)
-    dq.copy_(dq_acc.mul_(s_acc))
-    dk.copy_(dk_acc.mul_(s_acc))
-    return dq, dk, dscale
+    return dq.copy_(dq_acc), dk.copy_(dk_acc), dscale
