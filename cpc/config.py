@@ -53,6 +53,7 @@ class CPCSpeechConfig:
     grad_clip: float = 0.0  # 0: off
     negatives: str = "batch"  # batch (paper's headline) | sequence | speaker
     temperature: float = 1.0
+    similarity: str = "dot"  # dot (paper) | cosine (see cpc.criterion)
     model: CPCModelConfig = field(default_factory=CPCModelConfig)
     device: str = "auto"
     seed: int = 0

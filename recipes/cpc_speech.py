@@ -155,7 +155,9 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet and info.is_main
-    _log(info, f"CPC speech run: preset '{config.preset}' on {device}"
+    auto = " (auto-selected for a CPU; --preset paper for the paper's settings)" \
+        if config.preset == "cpu-quick" and args.preset is None else ""
+    _log(info, f"CPC speech run: preset '{config.preset}'{auto} on {device}"
          + (f", {info.world_size} processes" if info.enabled else ""))
     _log(info, json.dumps(config.to_dict(), indent=2))
     if info.is_main:
@@ -199,7 +201,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     torch.manual_seed(config.seed)
     model = CPCModel(config.model).to(device)
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    criterion = CPCCriterion(config.negatives, config.temperature)
+    criterion = CPCCriterion(config.negatives, config.temperature, similarity=config.similarity)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     _log(info, f"model: {count_parameters(model) / 1e6:.2f}M parameters; "
          f"{dataset.n_short} training utterances shorter than the window (padded, masked)")
