@@ -9,7 +9,7 @@ Presets:
   12 linear predictors, 20480-sample windows, Adam at 2e-4, batch 8 per process, negatives
   from the whole batch (the paper's "mixed speaker" setting of its 64.6 % phone result).
 - ``cpu-quick``: what fits the no-argument run in 10 minutes on a 2-core CPU: the same
-  architecture (5 strided convs, GRU 256, 12 linear predictors, same-speaker negatives) with a
+  architecture (5 strided convs, GRU 256, 12 linear predictors, same-speaker negatives, 2 speakers x 8 sequences per batch) with a
   128-channel encoder (16x fewer encoder FLOPs) and channel-wise normalisation, 5120-sample
   windows, batch 16, Adam at 1e-3 with 50 warm-up steps and gradient clipping, and a training
   time limit of 420 s (``train_seconds``; the steps actually done are reported). Same
@@ -84,7 +84,9 @@ def preset_values(name: str) -> dict[str, Any]:
             # fall through speaker cues (pitch) and the features collapsed in our runs
             "negatives": "speaker",
             "batch_size": 16,
-            "speakers_per_batch": 4,
+            # 2 speakers x 8 sequences: more same-speaker negatives per group and half the
+            # info_nce calls of 4 x 4 (measured: 6.6 vs 4-5 steps/s; phone probe 80.5 % vs 79.1 %)
+            "speakers_per_batch": 2,
             "window": 5120,
             "lr": 1e-3,
             "warmup_steps": 50,
