@@ -24,8 +24,8 @@ from . import positives
 from ._alloc import empty
 
 #: Elements of one (block_rows x M) float32 buffer. Two such buffers are live at a time, so the
-#: workspace is about 2 x 4 x WORKSPACE_ELEMENTS bytes (128 MiB) at most, whatever N and M are.
-WORKSPACE_ELEMENTS = 1 << 24
+#: workspace is about 2 x 4 x WORKSPACE_ELEMENTS bytes (64 MiB) at most, whatever N and M are.
+WORKSPACE_ELEMENTS = 1 << 23
 #: When set (an int), overrides the block height (tests use it to exercise many blocks).
 BLOCK_ROWS: int | None = None
 
