@@ -51,6 +51,13 @@ def same_kind(ref_name: str, ref: Tensor, name: str, x: Tensor, *, same_rows: bo
         )
 
 
+def pair(a_name: str, a: object, b_name: str, b: object) -> None:
+    """Two (N, D) feature tensors whose row i is a positive pair: same dtype, device, N and D."""
+    features(a_name, a)
+    features(b_name, b)
+    same_kind(a_name, a, b_name, b, same_rows=True)  # type: ignore[arg-type]
+
+
 def positive_scalar(name: str, value: object, device: torch.device, dtype: torch.dtype, *, what: str) -> Tensor:
     """A finite, positive float or one-element floating tensor, returned as a 0-dim tensor.
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import positives
+from ._numerics import acc_dtype, finite_or_zero
 from ._alloc import empty
 
 #: Elements of one (block_rows x M) float32 buffer. Two such buffers are live at a time, so the
@@ -36,15 +37,6 @@ def block_rows_for(n: int, m: int) -> int:
     # As tall as the workspace allows (GEMM efficiency grows with the block height), but no
     # taller than 2048 rows: beyond that a block no longer gains speed and only costs memory.
     return max(1, min(n, 2048, WORKSPACE_ELEMENTS // max(m, 1)))
-
-
-def _acc_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _finite_or_zero(x: Tensor) -> Tensor:
-    """Shift for exp(x_ij - shift_i): -inf (nothing allowed) becomes 0 so that exp(-inf - 0) = 0."""
-    return torch.where(torch.isinf(x) & (x < 0), torch.zeros_like(x), x)
 
 
 def _fold_grad(shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -87,7 +79,7 @@ def lse_forward(
     q: Tensor, k: Tensor, scale: Tensor, exclude_diagonal: bool, compute_col: bool
 ) -> tuple[Tensor, Tensor]:
     n, m = q.shape[0], k.shape[0]
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     qa, ka = q.to(acc), k.to(acc)
     s_acc = scale.to(acc)
     rows = block_rows_for(n, m)
@@ -105,20 +97,21 @@ def lse_forward(
         e = exp_buf[: stop - start]
 
         row_max = s.amax(dim=1)
-        torch.sub(s, _finite_or_zero(row_max)[:, None], out=e)
-        lse = _finite_or_zero(row_max) + _exp_(e).sum(dim=1).log()
+        row_shift = finite_or_zero(row_max)
+        torch.sub(s, row_shift[:, None], out=e)
+        lse = row_shift + _exp_(e).sum(dim=1).log()
         row_lse[start:stop] = torch.where(row_max == -math.inf, row_max, lse)
 
         if compute_col:
             new_max = torch.maximum(col_max, s.amax(dim=0))
-            shift = _finite_or_zero(new_max)
+            shift = finite_or_zero(new_max)
             torch.sub(s, shift[None, :], out=e)
             col_sum.mul_(torch.exp(col_max - shift)).add_(_exp_(e).sum(dim=0))
             col_max = new_max
 
     col_lse = empty(m if compute_col else 0, dtype=acc, device=q.device)
     if compute_col:
-        col_lse.copy_(torch.where(col_max == -math.inf, col_max, _finite_or_zero(col_max) + col_sum.log()))
+        col_lse.copy_(torch.where(col_max == -math.inf, col_max, finite_or_zero(col_max) + col_sum.log()))
     return row_lse, col_lse
 
 
@@ -137,13 +130,13 @@ def lse_backward(
     labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, m = q.shape[0], k.shape[0]
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     s_acc = scale.to(acc)
     qa, ka = q.to(acc), k.to(acc)
     has_col = grad_col.numel() > 0
-    row_shift, g_row = _fold_grad(_finite_or_zero(row_lse.to(acc)), grad_row.to(acc))
+    row_shift, g_row = _fold_grad(finite_or_zero(row_lse.to(acc)), grad_row.to(acc))
     if has_col:
-        col_shift, g_col = _fold_grad(_finite_or_zero(col_lse.to(acc)), grad_col.to(acc))
+        col_shift, g_col = _fold_grad(finite_or_zero(col_lse.to(acc)), grad_col.to(acc))
 
     rows = block_rows_for(n, m)
     logits_buf = torch.empty(rows, m, dtype=acc, device=q.device)

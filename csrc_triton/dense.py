@@ -9,11 +9,12 @@ import torch
 from torch import Tensor
 
 from . import positives
+from ._numerics import acc_dtype, finite_or_zero
 from ._alloc import empty
 
 
 def _logits(q: Tensor, k: Tensor, scale: Tensor, exclude_diagonal: bool) -> Tensor:
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q)
     s = (q.to(acc) * scale.to(acc)) @ k.to(acc).T
     if exclude_diagonal:
         s.fill_diagonal_(float("-inf"))
@@ -30,11 +31,6 @@ def lse_forward(
     if compute_col:
         col_lse.copy_(torch.logsumexp(s, dim=0))
     return row_lse, col_lse
-
-
-def _safe(lse: Tensor) -> Tensor:
-    # A row with no allowed entry has lse = -inf and all its logits -inf: exp(-inf - 0) = 0.
-    return torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
 
 
 def lse_backward(
@@ -54,9 +50,9 @@ def lse_backward(
     s = _logits(q, k, scale, exclude_diagonal)
     acc = s.dtype
     # G_ij = g_i exp(S_ij - r_i) + h_j exp(S_ij - c_j)
-    g = torch.exp(s - _safe(row_lse.to(acc))[:, None]) * grad_row.to(acc)[:, None]
+    g = torch.exp(s - finite_or_zero(row_lse.to(acc))[:, None]) * grad_row.to(acc)[:, None]
     if grad_col.numel():
-        g = g + torch.exp(s - _safe(col_lse.to(acc))[None, :]) * grad_col.to(acc)[None, :]
+        g = g + torch.exp(s - finite_or_zero(col_lse.to(acc))[None, :]) * grad_col.to(acc)[None, :]
     qa, ka = q.to(acc), k.to(acc)
     g_k = g @ ka  # dQ / scale
     g_t_q = g.T @ qa  # dK / scale

@@ -61,9 +61,7 @@ def info_nce(
         >>> k = torch.nn.functional.normalize(q + 0.1 * torch.randn(256, 128), dim=1)
         >>> loss = info_nce(q, k, temperature=0.1)
     """
-    check.features("query", query)
-    check.features("key", key)
-    check.same_kind("query", query, "key", key, same_rows=True)
+    check.pair("query", query, "key", key)
     scale = 1.0 / check.positive_scalar("temperature", temperature, query.device, query.dtype, what=TEMPERATURE)
     check.reduction(reduction)
     resolve_backend(backend, query.device)
@@ -103,9 +101,7 @@ def clip_loss(
         >>> txt = torch.nn.functional.normalize(torch.randn(64, 512), dim=1)
         >>> loss = clip_loss(img, txt, logit_scale=torch.tensor(100.0))
     """
-    check.features("image_features", image_features)
-    check.features("text_features", text_features)
-    check.same_kind("image_features", image_features, "text_features", text_features, same_rows=True)
+    check.pair("image_features", image_features, "text_features", text_features)
     scale = check.positive_scalar(
         "logit_scale", logit_scale, image_features.device, image_features.dtype, what="the logit multiplier"
     )
@@ -139,9 +135,7 @@ def nt_xent(
         >>> z1, z2 = torch.randn(128, 64), torch.randn(128, 64)
         >>> loss = nt_xent(z1, z2, temperature=0.5)
     """
-    check.features("z1", z1)
-    check.features("z2", z2)
-    check.same_kind("z1", z1, "z2", z2, same_rows=True)
+    check.pair("z1", z1, "z2", z2)
     scale = 1.0 / check.positive_scalar("temperature", temperature, z1.device, z1.dtype, what=TEMPERATURE)
     check.reduction(reduction)
     resolve_backend(backend, z1.device)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import positives
+from ._numerics import acc_dtype
 
 BACKENDS = ("auto", "triton", "blockwise", "dense")
 
@@ -58,10 +59,6 @@ def _backend_module(backend: str, q: Tensor) -> ModuleType:
     return triton_lse
 
 
-def _acc_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------------------------
 # contrastive::lse and its backward
 # --------------------------------------------------------------------------------------------
@@ -93,7 +90,7 @@ def lse(
     with _no_autocast(q.device):
         row_lse, col_lse = _backend_module(backend, q).lse_forward(q, k, scale, exclude_diagonal, compute_col)
         if positives.has_positive(positive_offset, labels):
-            acc = _acc_dtype(q)
+            acc = acc_dtype(q)
             positive = positives.forward(q.to(acc), k.to(acc), scale.to(acc), exclude_diagonal, positive_offset, labels)
         else:
             positive = row_lse.new_empty(0)
@@ -102,7 +99,7 @@ def lse(
 
 @lse.register_fake
 def _lse_fake(q, k, scale, exclude_diagonal, compute_col, positive_offset, labels, backend):
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     n_pos = q.shape[0] if positives.has_positive(positive_offset, labels) else 0
     return (
         q.new_empty(q.shape[0], dtype=acc),
@@ -145,7 +142,7 @@ def lse_backward(
 def _lse_backward_fake(
     grad_row, grad_col, grad_positive, q, k, scale, row_lse, col_lse, exclude_diagonal, positive_offset, labels, backend
 ):
-    return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=_acc_dtype(q))
+    return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=acc_dtype(q))
 
 
 def _lse_setup_context(ctx, inputs, output):
@@ -212,7 +209,7 @@ def _reduce(per_item: Tensor, reduction: str) -> Tensor:
 
 def _pair_dots(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
     """scale * <a_i, b_i> accumulated in float32 (float64 for float64 inputs), shape (N,)."""
-    acc = _acc_dtype(a)
+    acc = acc_dtype(a)
     return scale.to(acc) * (a.to(acc) * b.to(acc)).sum(dim=-1)
 
 
@@ -248,7 +245,7 @@ def clip_loss_impl(image_features: Tensor, text_features: Tensor, logit_scale: T
 
 
 def _unit(x: Tensor) -> Tensor:
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     return torch.nn.functional.normalize(x.to(acc), dim=-1).to(x.dtype)
 
 

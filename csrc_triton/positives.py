@@ -24,11 +24,15 @@ def _partner_index(n: int, m: int, positive_offset: int, device: torch.device) -
     return (torch.arange(n, device=device) + positive_offset) % m
 
 
-def _class_sums(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row sum of the rows of x that share its label: (N, D), and the class index (N,)."""
+def _class_index(labels: Tensor) -> tuple[Tensor, int]:
+    """Each row's class as an index into 0..C-1: (N,), and C."""
     classes, index = torch.unique(labels, return_inverse=True)
-    sums = x.new_zeros(classes.shape[0], x.shape[1]).index_add_(0, index, x)
-    return sums, index
+    return index, classes.shape[0]
+
+
+def _class_sums(x: Tensor, index: Tensor, n_classes: int) -> Tensor:
+    """Per-class sums of the rows of x: (C, D)."""
+    return x.new_zeros(n_classes, x.shape[1]).index_add_(0, index, x)
 
 
 def forward(
@@ -36,7 +40,8 @@ def forward(
 ) -> Tensor:
     """positive_i = s sum_{j in P(i)} q_i . k_j, from accumulation-dtype q and k: (N,)."""
     if labels is not None:
-        sums, index = _class_sums(ka, labels)
+        index, n_classes = _class_index(labels)
+        sums = _class_sums(ka, index, n_classes)
         partners = sums[index] - ka if exclude_diagonal else sums[index]
     else:
         partners = ka[_partner_index(qa.shape[0], ka.shape[0], positive_offset, qa.device)]
@@ -61,8 +66,9 @@ def add_grad(
     w = grad_positive.to(qa.dtype)
     wq = w[:, None] * qa
     if labels is not None:
-        k_sums, index = _class_sums(ka, labels)
-        wq_sums, _ = _class_sums(wq, labels)
+        index, n_classes = _class_index(labels)
+        k_sums = _class_sums(ka, index, n_classes)
+        wq_sums = _class_sums(wq, index, n_classes)
         gk.add_(w[:, None] * (k_sums[index] - ka if exclude_diagonal else k_sums[index]))
         gtq.add_(wq_sums[index] - wq if exclude_diagonal else wq_sums[index])
     else:

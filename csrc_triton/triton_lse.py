@@ -96,6 +96,32 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _tile_dot(
+    q_block, k_block, q_offs, kt_offs, q_step, k_step, row_ok, col_ok, offs_d, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dot_ij = q_i . k_j for one (BLOCK_M x BLOCK_N) tile, over D in BLOCK_D chunks (masked tail
+    chunk; K loaded transposed), accumulated in fp32. Shared by the forward and the backward's
+    recompute; Triton inlines it."""
+    q_chunk = q_block
+    k_chunk = k_block
+    dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        d_left = D - d_start
+        q_tile = tl.load(q_chunk + q_offs, mask=row_ok[:, None] & (offs_d[None, :] < d_left), other=0.0)
+        kt_tile = tl.load(k_chunk + kt_offs, mask=col_ok[None, :] & (offs_d[:, None] < d_left), other=0.0)
+        if UPCAST:
+            q_tile = q_tile.to(tl.float32)
+            kt_tile = kt_tile.to(tl.float32)
+        dot = tl.dot(q_tile, kt_tile, dot, input_precision=DOT_PRECISION)
+        q_chunk += q_step
+        k_chunk += k_step
+    return dot
+
+
+
+@triton.jit
 def _lse_forward_kernel(
     q_ptr, k_ptr, scale_ptr,
     row_max_ptr, row_sum_ptr,  # (splits, N) fp32 workspaces
@@ -151,19 +177,8 @@ def _lse_forward_kernel(
             stats_ptrs = col_stats_ptr + offs_n
             current = tl.load(stats_ptrs, cache_modifier=".cg")
         # dot_ij = q_i . k_j over D in BLOCK_D chunks (masked tail chunk); K loaded transposed.
-        q_chunk = q_block
-        k_chunk = k_block
-        dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d_start in range(0, D, BLOCK_D):
-            d_left = D - d_start
-            q_tile = tl.load(q_chunk + q_offs, mask=row_ok[:, None] & (offs_d[None, :] < d_left), other=0.0)
-            kt_tile = tl.load(k_chunk + kt_offs, mask=col_ok[None, :] & (offs_d[:, None] < d_left), other=0.0)
-            if UPCAST:
-                q_tile = q_tile.to(tl.float32)
-                kt_tile = kt_tile.to(tl.float32)
-            dot = tl.dot(q_tile, kt_tile, dot, input_precision=DOT_PRECISION)
-            q_chunk += q_step
-            k_chunk += k_step
+        dot = _tile_dot(q_block, k_block, q_offs, kt_offs, q_step, k_step, row_ok, col_ok, offs_d, D,
+                        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION)
         allowed = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAGONAL:
             allowed = allowed & (offs_m[:, None] != offs_n[None, :])
@@ -322,19 +337,8 @@ def _lse_backward_kernel(
     for _row_block in range(first_block, last_block):
         row_ok = offs_m < N
         # Recompute dot_ij = q_i . k_j over the full D.
-        q_chunk = q_block
-        k_chunk = k_block
-        dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d_start in range(0, D, BLOCK_D):
-            d_left = D - d_start
-            q_tile = tl.load(q_chunk + q_offs, mask=row_ok[:, None] & (offs_d[None, :] < d_left), other=0.0)
-            kt_tile = tl.load(k_chunk + kt_offs, mask=col_ok[None, :] & (offs_d[:, None] < d_left), other=0.0)
-            if UPCAST:
-                q_tile = q_tile.to(tl.float32)
-                kt_tile = kt_tile.to(tl.float32)
-            dot = tl.dot(q_tile, kt_tile, dot, input_precision=DOT_PRECISION)
-            q_chunk += q_step
-            k_chunk += k_step
+        dot = _tile_dot(q_block, k_block, q_offs, kt_offs, q_step, k_step, row_ok, col_ok, offs_d, D,
+                        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION)
         logits = dot * scale
         allowed = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_DIAGONAL:
