@@ -1,0 +1,146 @@
+"""Negatives across processes, with exact gradients and no duplicated tile work.
+
+With a process group of world size R, rank r holds B local rows (every rank the same B and D).
+The global batch is the concatenation of the ranks' rows in rank order. Each rank computes only
+its own strip of the global similarity matrix: its B rows against all R B keys. Then:
+
+* keys are gathered with :func:`gather_rows` (all-gather forward); their gradients go back to
+  their owners with a reduce-scatter (backward), so a rank's key gradient sums the
+  contributions of every rank's strip;
+* column statistics of symmetric losses (a column's log-sum-exp over all R B rows) are merged
+  with :func:`merge_lse`: an all-reduce of the per-column maxima, then of the shifted sums
+  (O(R B) floats, never the strips themselves);
+* normalisers (how many anchors have a positive, ...) come from :func:`all_reduce_sum`.
+
+Scaling convention (every loss with ``process_group`` states it): rank r returns
+
+    loss_r = R * (the terms of rank r's own rows) / (the global normaliser)
+
+so that mean_r loss_r is exactly the loss of one process on the concatenated batch, and the
+gradients that DDP averages over ranks are exactly that loss's gradients. (Each rank's local
+embedding gradient is R times the single-process gradient of those rows; DDP divides by R.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world(group: object | None) -> tuple[int, int]:
+    """(rank, world size) of this process in ``group``; (0, 1) without one."""
+    if group is None:
+        return 0, 1
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            f"process_group={group!r} was given but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first, or pass process_group=None"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def check_same_shape(name: str, x: Tensor, group: object | None) -> None:
+    """Every rank must pass the same rows B and feature dimension D: ValueError naming the
+    argument and the shapes of all ranks otherwise (one tiny all-gather)."""
+    _, size = world(group)
+    if size == 1:
+        return
+    mine = torch.tensor(list(x.shape), dtype=torch.int64, device=x.device)
+    shapes = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(shapes, mine, group=group)
+    seen = [tuple(int(v) for v in s) for s in shapes]  # one host sync per call: the shape check
+    if len(set(seen)) != 1:
+        raise ValueError(
+            f"{name} must have the same shape on every rank of the process group (B rows, D features); "
+            f"got {seen} (rank order)"
+        )
+
+
+class _GatherRows(torch.autograd.Function):
+    """all-gather of (B, ...) rows -> (R B, ...); backward: reduce-scatter (sum) to the owners."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: object) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather(list(out.chunk(size)), x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        size = dist.get_world_size(ctx.group)
+        chunks = [c.contiguous() for c in grad.chunk(size)]
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, chunks, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
+def gather_rows(x: Tensor, group: object | None) -> Tensor:
+    """The global batch (R B, ...) in rank order; gradients flow back to each owner's rows."""
+    if world(group)[1] == 1:
+        return x
+    if not x.requires_grad:
+        return gather_constant(x, group)
+    return _GatherRows.apply(x, group)
+
+
+def gather_constant(x: Tensor, group: object | None) -> Tensor:
+    """All-gather without autograd (labels, frozen keys)."""
+    _, size = world(group)
+    if size == 1:
+        return x
+    out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))
+    dist.all_gather(list(out.chunk(size)), x.detach().contiguous(), group=group)
+    return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over ranks of x (every rank gets y); backward: the upstream gradients summed over
+    ranks, since every rank's loss depends on y."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: object) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        g = grad.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g, None
+
+
+def all_reduce_sum(x: Tensor, group: object | None) -> Tensor:
+    """Sum over ranks, differentiable (no-op without a group)."""
+    if world(group)[1] == 1:
+        return x
+    if not x.requires_grad:
+        y = x.detach().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+    return _AllReduceSum.apply(x, group)
+
+
+def merge_lse(partial_lse: Tensor, group: object | None) -> Tensor:
+    """log sum_r exp(partial_lse_r), elementwise across ranks, differentiable.
+
+    The shift m = max_r partial_lse_r (an all-reduce MAX, no gradient: it cancels exactly) keeps
+    exp() in range; -inf everywhere stays -inf.
+    """
+    if world(group)[1] == 1:
+        return partial_lse
+    shift = partial_lse.detach().clone()
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(torch.isinf(shift) & (shift < 0), torch.zeros_like(shift), shift)
+    total = all_reduce_sum(torch.exp(partial_lse - shift), group)
+    return shift + total.log()
+
+
+def global_scale(group: object | None) -> int:
+    """R: the factor of the scaling convention (see the module docstring)."""
+    return world(group)[1]
