@@ -58,11 +58,21 @@ def pair(a_name: str, a: object, b_name: str, b: object) -> None:
     same_kind(a_name, a, b_name, b, same_rows=True)  # type: ignore[arg-type]
 
 
-def positive_scalar(name: str, value: object, device: torch.device, dtype: torch.dtype, *, what: str) -> Tensor:
+def _host_readable(x: Tensor) -> bool:
+    """Reading x's value costs no device synchronisation (and is allowed while tracing)."""
+    return x.device.type == "cpu" and not _tracing()
+
+
+def positive_scalar(
+    name: str, value: object, device: torch.device, dtype: torch.dtype, *, what: str, reciprocal: bool = False
+) -> Tensor:
     """A finite, positive float or one-element floating tensor, returned as a 0-dim tensor.
 
     A float32 tensor with bfloat16/float16 features is the normal mixed-precision case: the
     result is float32 (float64 for float64 features), and gradients flow back to ``value``.
+    ``reciprocal``: the value divides the logits (a temperature), so 1 / value must be finite
+    in the features' dtype too. A tensor's value is checked only where reading it needs no
+    device synchronisation (CPU tensors): on CUDA the losses stay capturable in a CUDA graph.
     """
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if isinstance(value, bool) or not isinstance(value, (Real, Tensor)):
@@ -74,15 +84,34 @@ def positive_scalar(name: str, value: object, device: torch.device, dtype: torch
             raise TypeError(f"{name} must be a floating-point tensor ({what}), got dtype {value.dtype}")
         if value.device != device and value.device.type != "meta":
             raise ValueError(f"{name} is on device {value.device} but the features are on {device}")
-        if not _tracing():
-            v = float(value.detach().reshape(()))
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be finite and positive ({what}), got {v}")
+        if _host_readable(value):
+            _check_positive(name, float(value.detach().reshape(())), dtype, what, reciprocal)
         return value.reshape(()).to(acc)
     v = float(value)
+    _check_positive(name, v, dtype, what, reciprocal)
+    return torch.tensor(v, dtype=acc, device=device)
+
+
+def _check_positive(name: str, v: float, dtype: torch.dtype, what: str, reciprocal: bool) -> None:
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be finite and positive ({what}), got {v}")
-    return torch.tensor(v, dtype=acc, device=device)
+    if reciprocal:
+        largest = torch.finfo(dtype).max
+        if 1.0 / v > largest:
+            raise ValueError(
+                f"{name}={v!r} is too small: its reciprocal {1.0 / v:.3g} overflows {dtype} "
+                f"(largest {largest:.3g}); expected {name} > {1.0 / largest:.3g}"
+            )
+
+
+def non_negative(name: str, value: object, *, what: str) -> float:
+    """A finite float >= 0 (margins, regularisation weights)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float ({what}), got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be finite and >= 0 ({what}), got {v}")
+    return v
 
 
 def reduction(value: object) -> str:
@@ -91,11 +120,29 @@ def reduction(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
-def labels(value: object, n: int) -> Tensor:
+def labels(value: object, n: int, device: torch.device | None = None) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"labels must be a torch.Tensor of integer class ids, got {type(value).__name__}")
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
         raise TypeError(f"labels must have an integer dtype, got {value.dtype}")
     if value.dim() != 1 or value.shape[0] != n:
         raise ValueError(f"labels must have shape ({n},), one per sample, got shape {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"labels are on device {value.device} but the features are on {device}; expected the same device")
     return value
+
+
+def some_positive(loss: str, row_labels: Tensor, col_labels: Tensor, *, self_counts: int = 1) -> None:
+    """ValueError if no row has a positive: a column with its label other than itself.
+
+    Checked only where it needs no device synchronisation (CPU tensors, not while tracing).
+    """
+    if not _host_readable(row_labels):
+        return
+    from .positives import label_counts
+
+    if not bool((label_counts(row_labels.long(), col_labels.long()) > self_counts).any()):
+        raise ValueError(
+            f"{loss}: no anchor has a positive (every label occurs once in labels); "
+            "expected at least two samples of some class"
+        )

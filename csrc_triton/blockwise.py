@@ -1,15 +1,17 @@
 """Blockwise backend: the kernels' tiling in plain PyTorch, for CPUs (and any device).
 
-Notation: q (N, D), k (M, D), s the scale, S = s q k^T (never stored whole). Rows of S are
-processed ``block_rows`` at a time, so the workspace is O(block_rows x M), never N x M.
+Implements :class:`csrc_triton.backend.LseBackend` (the formulas are there). Rows of
+Z = s q k^T + b are processed a block at a time, so the workspace is O(block_rows x M), never
+N x M:
 
 Forward, one pass over the row blocks:
-    r_i = log sum_j exp(S_ij)                 (exact per block: a block holds whole rows)
-    c_j = log sum_i exp(S_ij)                 (running (max, sum) per column, merged exactly:
+    r_i = log sum_j exp(Z_ij)                 (exact per block: a block holds whole rows)
+    c_j = log sum_i exp(Z_ij)                 (running (max, sum) per column, merged exactly:
                                                m' = max(m, m_b), l' = l e^(m - m') + l_b e^(m_b - m'))
-Backward, recomputing each block of S from q, k and the saved r, c:
-    G_ij = g_i exp(S_ij - r_i) + h_j exp(S_ij - c_j)
-    dq = s G k,   dk = s G^T q,   ds = sum_ij G_ij (q_i . k_j) = sum_i q_i . (G k)_i
+    positives: read off the block (an index: one gather per row; labels: a masked sum / LSE)
+Backward, recomputing each block of Z from q, k and the saved statistics:
+    G_ij = g_i exp(Z_ij - r_i) + h_j exp(Z_ij - c_j) + [j in P(i)] (w_i + u_i exp(Z_ij - pl_i))
+    dq = s G k,   dk = s G^T q,   ds = sum_i q_i . (G k)_i,   db = sum_i G_ij
 Three GEMMs of 2NMD flops each in the backward, one in the forward: 8NMD for a symmetric loss.
 Accumulation is float32 (float64 for float64 inputs) whatever the input dtype.
 """
@@ -20,27 +22,27 @@ import math
 import torch
 from torch import Tensor
 
-from . import positives
-from ._numerics import acc_dtype, finite_or_zero
 from ._alloc import empty
+from ._numerics import acc_dtype, finite_or_zero
+from .backend import LseGrads, LseStats
 
-#: Elements of one (block_rows x M) float32 buffer. Two such buffers are live at a time, so the
-#: workspace is about 2 x 4 x WORKSPACE_ELEMENTS bytes (64 MiB) at most, whatever N and M are.
-WORKSPACE_ELEMENTS = 1 << 23
-#: When set (an int), overrides the block height (tests use it to exercise many blocks).
-BLOCK_ROWS: int | None = None
+#: Elements of the (block_rows x M) float32 buffers, all together. With the two buffers of the
+#: usual case that is 2 x 4 x 2^23 bytes (64 MiB) at most, whatever N and M are.
+WORKSPACE_ELEMENTS = 1 << 24
+#: Tests shrink the block height through ``csrc_triton._testing.blockwise_rows``.
+_block_rows_override: int | None = None
 
 
-def block_rows_for(n: int, m: int) -> int:
-    if BLOCK_ROWS is not None:
-        return max(1, min(n, int(BLOCK_ROWS)))
+def block_rows_for(n: int, m: int, buffers: int = 2) -> int:
+    if _block_rows_override is not None:
+        return max(1, min(n, _block_rows_override))
     # As tall as the workspace allows (GEMM efficiency grows with the block height), but no
     # taller than 2048 rows: beyond that a block no longer gains speed and only costs memory.
-    return max(1, min(n, 2048, WORKSPACE_ELEMENTS // max(m, 1)))
+    return max(1, min(n, 2048, WORKSPACE_ELEMENTS // (buffers * max(m, 1))))
 
 
 def _fold_grad(shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
-    """g exp(S - r) = exp(S - (r - log g)) when g >= 0 (the usual case: a mean of the losses).
+    """g exp(Z - r) = exp(Z - (r - log g)) when g >= 0 (the usual case: a mean of the losses).
 
     Folding log g into the shift saves one full pass over each (rows x M) block; g = 0 gives
     a shift of +inf and exp(-inf) = 0. Otherwise (negative or NaN upstream gradients) the
@@ -65,111 +67,214 @@ def _exp_(x: Tensor) -> Tensor:
     return x.exp_()
 
 
-def _block_logits(qs_blk: Tensor, ka: Tensor, out: Tensor, start: int, exclude_diagonal: bool) -> Tensor:
-    torch.mm(qs_blk, ka.T, out=out)
-    if exclude_diagonal:
-        # entries (i, start + i) of this block, for the rows whose diagonal lies inside k
-        n_diag = max(0, min(out.shape[0], ka.shape[0] - start))
-        if n_diag:
-            out.diagonal(offset=start)[:n_diag] = float("-inf")
-    return out
+def _lse_of(e: Tensor, shift: Tensor, top: Tensor) -> Tensor:
+    """shift + log sum exp(e) (e already shifted, exponentiated in place), -inf where top is -inf."""
+    return torch.where(top == -math.inf, top, shift + e.sum(dim=1).log())
+
+
+class _Blocks:
+    """What every block of rows needs: the logits and, with labels, the positive mask."""
+
+    def __init__(self, q: Tensor, k: Tensor, scale: Tensor, col_bias: Tensor | None, self_offset: int | None,
+                 positive_index: Tensor | None, row_labels: Tensor | None, col_labels: Tensor | None,
+                 buffers: int) -> None:
+        self.acc = acc_dtype(q)
+        self.qa, self.ka = q.to(self.acc), k.to(self.acc)
+        self.scale = scale.to(self.acc)
+        self.bias = None if col_bias is None else col_bias.to(self.acc)
+        self.self_offset = self_offset
+        self.index = positive_index
+        self.row_labels, self.col_labels = row_labels, col_labels
+        n, m = q.shape[0], k.shape[0]
+        self.rows = block_rows_for(n, m, buffers)
+        self.buffers = [torch.empty(self.rows, m, dtype=self.acc, device=q.device) for _ in range(buffers)]
+        self.mask_buf = (torch.empty(self.rows, m, dtype=torch.bool, device=q.device)
+                         if row_labels is not None else None)
+
+    def ranges(self, n: int):
+        for start in range(0, n, self.rows):
+            yield start, min(n, start + self.rows)
+
+    def logits(self, start: int, stop: int) -> Tensor:
+        """Z for rows [start, stop) into the first buffer; excluded entries -inf."""
+        # the scale is folded into a (rows x D) slice of q: no scaled copy of q is kept
+        z = torch.mm(self.qa[start:stop] * self.scale, self.ka.T, out=self.buffers[0][: stop - start])
+        if self.bias is not None:
+            z.add_(self.bias[None, :])
+        if self.self_offset is not None:
+            z.diagonal(offset=start + self.self_offset).fill_(-math.inf)
+        return z
+
+    def label_mask(self, start: int, stop: int) -> Tensor:
+        """[j in P(i)] for rows [start, stop) (labels mode), excluded entries False."""
+        mask = torch.eq(self.row_labels[start:stop, None], self.col_labels[None, :],
+                        out=self.mask_buf[: stop - start])
+        if self.self_offset is not None:
+            mask.diagonal(offset=start + self.self_offset).fill_(False)
+        return mask
+
+    def index_of(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """(column of row i's positive, clamped to be a valid index; whether it is a positive)."""
+        idx = self.index[start:stop]
+        ok = idx >= 0
+        if self.self_offset is not None:
+            ok = ok & (idx != torch.arange(start, stop, device=idx.device) + self.self_offset)
+        return idx.clamp(min=0)[:, None], ok
 
 
 def lse_forward(
-    q: Tensor, k: Tensor, scale: Tensor, exclude_diagonal: bool, compute_col: bool
-) -> tuple[Tensor, Tensor]:
-    n, m = q.shape[0], k.shape[0]
-    acc = acc_dtype(q)
-    qa, ka = q.to(acc), k.to(acc)
-    s_acc = scale.to(acc)
-    rows = block_rows_for(n, m)
-    logits_buf = torch.empty(rows, m, dtype=acc, device=q.device)
-    exp_buf = torch.empty(rows, m, dtype=acc, device=q.device)
-
-    row_lse = empty(n, dtype=acc, device=q.device)
-    col_max = torch.full((m,), -math.inf, dtype=acc, device=q.device) if compute_col else None
-    col_sum = torch.zeros(m, dtype=acc, device=q.device) if compute_col else None
-
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        # the scale is folded into a (rows x D) slice of q: no scaled copy of q is kept
-        s = _block_logits(qa[start:stop] * s_acc, ka, logits_buf[: stop - start], start, exclude_diagonal)
-        e = exp_buf[: stop - start]
-
-        row_max = s.amax(dim=1)
-        row_shift = finite_or_zero(row_max)
-        torch.sub(s, row_shift[:, None], out=e)
-        lse = row_shift + _exp_(e).sum(dim=1).log()
-        row_lse[start:stop] = torch.where(row_max == -math.inf, row_max, lse)
-
-        if compute_col:
-            new_max = torch.maximum(col_max, s.amax(dim=0))
-            shift = finite_or_zero(new_max)
-            torch.sub(s, shift[None, :], out=e)
-            col_sum.mul_(torch.exp(col_max - shift)).add_(_exp_(e).sum(dim=0))
-            col_max = new_max
-
-    col_lse = empty(m if compute_col else 0, dtype=acc, device=q.device)
-    if compute_col:
-        col_lse.copy_(torch.where(col_max == -math.inf, col_max, finite_or_zero(col_max) + col_sum.log()))
-    return row_lse, col_lse
-
-
-def lse_backward(
-    grad_row: Tensor,
-    grad_col: Tensor,
     q: Tensor,
     k: Tensor,
     scale: Tensor,
-    row_lse: Tensor,
-    col_lse: Tensor,
-    exclude_diagonal: bool,
     *,
-    grad_positive: Tensor | None = None,
-    positive_offset: int = -1,
-    labels: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    col_bias: Tensor | None,
+    self_offset: int | None,
+    compute_col: bool,
+    positive_index: Tensor | None,
+    row_labels: Tensor | None,
+    col_labels: Tensor | None,
+    positive_sum: bool,
+    positive_lse: bool,
+) -> LseStats:
     n, m = q.shape[0], k.shape[0]
-    acc = acc_dtype(q)
-    s_acc = scale.to(acc)
-    qa, ka = q.to(acc), k.to(acc)
-    has_col = grad_col.numel() > 0
-    row_shift, g_row = _fold_grad(finite_or_zero(row_lse.to(acc)), grad_row.to(acc))
-    if has_col:
-        col_shift, g_col = _fold_grad(finite_or_zero(col_lse.to(acc)), grad_col.to(acc))
+    blocks = _Blocks(q, k, scale, col_bias, self_offset, positive_index, row_labels, col_labels, buffers=2)
+    acc, device = blocks.acc, q.device
+    labels_mode = row_labels is not None and (positive_sum or positive_lse)
 
-    rows = block_rows_for(n, m)
-    logits_buf = torch.empty(rows, m, dtype=acc, device=q.device)
-    grad_buf = torch.empty(rows, m, dtype=acc, device=q.device)
+    row_lse = empty(n, dtype=acc, device=device)
+    pos_sum = empty(n if positive_sum else 0, dtype=acc, device=device)
+    pos_lse = empty(n if positive_lse else 0, dtype=acc, device=device)
+    if (positive_sum or positive_lse) and positive_index is None and row_labels is None:
+        pos_sum.fill_(0.0)
+        pos_lse.fill_(-math.inf)
+        positive_sum = positive_lse = False
+    col_max = torch.full((m,), -math.inf, dtype=acc, device=device) if compute_col else None
+    col_sum = torch.zeros(m, dtype=acc, device=device) if compute_col else None
 
-    # accumulators in the accumulation dtype; for float32 inputs they are the outputs themselves
-    dq_acc = empty(*q.shape, dtype=acc, device=q.device)
-    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        s = _block_logits(qa[start:stop] * s_acc, ka, logits_buf[: stop - start], start, exclude_diagonal)
-        g = grad_buf[: stop - start]
-        # G = g_i exp(S - r_i) [+ h_j exp(S - c_j)]; excluded entries have S = -inf, so G = 0
-        # there (or the float32 floor e^-87 ~ 1.6e-38, which no float32 sum can see)
-        _exp_(torch.sub(s, row_shift[start:stop, None], out=g))
+    for start, stop in blocks.ranges(n):
+        z = blocks.logits(start, stop)
+        e = blocks.buffers[1][: stop - start]
+        if positive_index is not None and (positive_sum or positive_lse):
+            idx, ok = blocks.index_of(start, stop)
+            picked = z.gather(1, idx).squeeze(1)
+            if positive_sum:
+                pos_sum[start:stop] = torch.where(ok, picked, 0.0)
+            if positive_lse:
+                pos_lse[start:stop] = torch.where(ok, picked, -math.inf)
+        if labels_mode:
+            mask = blocks.label_mask(start, stop)
+            if positive_sum:
+                pos_sum[start:stop] = torch.where(mask, z, z.new_zeros(()), out=e).sum(dim=1)
+            if positive_lse:
+                torch.where(mask, z, z.new_full((), -math.inf), out=e)
+                top = e.amax(dim=1)
+                shift = finite_or_zero(top)
+                pos_lse[start:stop] = _lse_of(_exp_(e.sub_(shift[:, None])), shift, top)
+
+        row_max = z.amax(dim=1)
+        row_shift = finite_or_zero(row_max)
+        torch.sub(z, row_shift[:, None], out=e)
+        row_lse[start:stop] = _lse_of(_exp_(e), row_shift, row_max)
+
+        if compute_col:
+            new_max = torch.maximum(col_max, z.amax(dim=0))
+            shift = finite_or_zero(new_max)
+            torch.sub(z, shift[None, :], out=e)
+            col_sum.mul_(torch.exp(col_max - shift)).add_(_exp_(e).sum(dim=0))
+            col_max = new_max
+
+    col_lse = empty(m if compute_col else 0, dtype=acc, device=device)
+    if compute_col:
+        col_lse.copy_(torch.where(col_max == -math.inf, col_max, finite_or_zero(col_max) + col_sum.log()))
+    return LseStats(row_lse, col_lse, pos_sum, pos_lse)
+
+
+def lse_backward(
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    stats: LseStats,
+    *,
+    grad_row: Tensor,
+    grad_col: Tensor | None,
+    grad_positive_sum: Tensor | None,
+    grad_positive_lse: Tensor | None,
+    col_bias: Tensor | None,
+    self_offset: int | None,
+    positive_index: Tensor | None,
+    row_labels: Tensor | None,
+    col_labels: Tensor | None,
+    needs_dq: bool,
+    needs_dk: bool,
+    needs_dbias: bool,
+    deterministic: bool,
+) -> LseGrads:
+    n, m = q.shape[0], k.shape[0]
+    has_pos = (grad_positive_sum is not None or grad_positive_lse is not None) and (
+        positive_index is not None or row_labels is not None)
+    labels_mode = has_pos and row_labels is not None
+    blocks = _Blocks(q, k, scale, col_bias, self_offset, positive_index, row_labels, col_labels,
+                     buffers=3 if labels_mode else 2)
+    acc, device, qa, ka = blocks.acc, q.device, blocks.qa, blocks.ka
+
+    row_shift, g_row = _fold_grad(finite_or_zero(stats.row_lse.to(acc)), grad_row.to(acc))
+    if grad_col is not None:
+        col_shift, g_col = _fold_grad(finite_or_zero(stats.col_lse.to(acc)), grad_col.to(acc))
+    if has_pos:
+        w = None if grad_positive_sum is None else grad_positive_sum.to(acc)
+        u = None if grad_positive_lse is None else grad_positive_lse.to(acc)
+        pos_shift = None if u is None else finite_or_zero(stats.positive_lse.to(acc))
+
+    # G k for every row (dq before scaling; also gives ds); dk and db accumulated over blocks
+    gk = empty(*q.shape, dtype=acc, device=device)
+    dk_acc = torch.zeros(k.shape, dtype=acc, device=device) if needs_dk else None
+    db_acc = torch.zeros(m, dtype=acc, device=device) if needs_dbias else None
+    for start, stop in blocks.ranges(n):
+        rows = slice(start, stop)
+        z = blocks.logits(start, stop)
+        g = blocks.buffers[1][: stop - start]
+        # excluded entries have Z = -inf, so G = 0 there (or the float32 floor e^-87 ~ 1.6e-38,
+        # which no float32 sum can see)
+        _exp_(torch.sub(z, row_shift[rows, None], out=g))
         if g_row is not None:
-            g.mul_(g_row[start:stop, None])
-        if has_col:
-            _exp_(s.sub_(col_shift[None, :]))
+            g.mul_(g_row[rows, None])
+        if has_pos and labels_mode:
+            # [j in P(i)] (w_i + u_i exp(Z_ij - pl_i)), before z is overwritten below
+            p = blocks.buffers[2][: stop - start]
+            if u is not None:
+                _exp_(torch.sub(z, pos_shift[rows, None], out=p)).mul_(u[rows, None])
+                if w is not None:
+                    p.add_(w[rows, None])
+            else:
+                p.copy_(w[rows, None].expand_as(p))
+            g.add_(p.mul_(blocks.label_mask(start, stop)))
+        elif has_pos:
+            idx, ok = blocks.index_of(start, stop)
+            term = torch.zeros(stop - start, dtype=acc, device=device)
+            if w is not None:
+                term = term + w[rows]
+            if u is not None:
+                term = term + u[rows] * torch.exp(z.gather(1, idx).squeeze(1) - pos_shift[rows])
+            g.scatter_add_(1, idx, torch.where(ok, term, 0.0)[:, None])
+        if grad_col is not None:
+            _exp_(z.sub_(col_shift[None, :]))
             if g_col is not None:
-                s.mul_(g_col[None, :])
-            g.add_(s)
-        torch.mm(g, ka, out=dq_acc[start:stop])  # (G k)_i, scaled below
-        dk_acc.addmm_(g.T, qa[start:stop])
+                z.mul_(g_col[None, :])
+            g.add_(z)
+        torch.mm(g, ka, out=gk[rows])
+        if needs_dk:
+            dk_acc.addmm_(g.T, qa[rows])
+        if needs_dbias:
+            db_acc.add_(g.sum(dim=0))
 
-    if grad_positive is not None:
-        positives.add_grad(dq_acc, dk_acc, qa, ka, grad_positive, exclude_diagonal, positive_offset, labels)
-    dscale = empty(dtype=acc, device=q.device)
-    dscale.copy_((dq_acc * qa).sum())  # sum_i q_i . (G k)_i
-    dq_acc.mul_(s_acc)
-    dk_acc.mul_(s_acc)
-    if q.dtype == acc and k.dtype == acc:
-        return dq_acc, dk_acc, dscale
-    dq = empty(*q.shape, dtype=q.dtype, device=q.device)
-    dk = empty(*k.shape, dtype=k.dtype, device=k.device)
-    return dq.copy_(dq_acc), dk.copy_(dk_acc), dscale
+    s = blocks.scale
+    dscale = empty(dtype=acc, device=device).copy_((gk * qa).sum())  # sum_i q_i . (G k)_i
+    dq = dk = None
+    if needs_dq:
+        dq = gk.mul_(s) if q.dtype == acc else empty(*q.shape, dtype=q.dtype, device=device).copy_(gk.mul_(s))
+    if needs_dk:
+        dk = dk_acc.mul_(s) if k.dtype == acc else empty(*k.shape, dtype=k.dtype, device=device).copy_(dk_acc.mul_(s))
+    dbias = None
+    if needs_dbias:
+        dbias = empty(m, dtype=acc, device=device).copy_(db_acc)
+    return LseGrads(dq, dk, dscale, dbias)

@@ -10,10 +10,30 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate as check
-from . import ops  # noqa: F401  (registers torch.ops.contrastive.*)
+from . import distributed as dist_
+from . import loss_ops  # noqa: F401  (registers torch.ops.contrastive.*)
 from .ops import resolve_backend
 
 TEMPERATURE = "temperature: logits are divided by it"
+#: The shared words of every docstring about the two options every loss here takes.
+COMMON_ARGS = """
+        deterministic: bitwise-reproducible gradients run to run (the Triton backward then uses
+            no floating-point atomics; the CPU backends always are).
+        process_group: a ``torch.distributed`` group of R > 1 ranks: this rank's rows are the
+            queries/anchors, the keys/negatives are the whole global batch (every rank's rows,
+            in rank order). Each rank computes only its own strip of the similarity matrix. The
+            returned value is R times this rank's share of the global loss, so its mean over
+            ranks is the loss of one process on the concatenated batch, and DDP's averaged
+            gradients are exactly that loss's gradients. Every rank must pass the same shapes."""
+
+
+def _dispatch(name: str, impl, args: tuple, group: object | None, *shaped: tuple[str, Tensor]) -> Tensor:
+    """The registered single-process op, or the distributed composite for a group of R > 1."""
+    if dist_.world(group)[1] == 1:
+        return getattr(torch.ops.contrastive, name)(*args)
+    for arg_name, x in shaped:
+        dist_.check_same_shape(arg_name, x, group)
+    return impl(*args, group=group)
 
 
 def info_nce(
@@ -26,6 +46,8 @@ def info_nce(
     symmetric: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    deterministic: bool = False,
+    process_group: object | None = None,
 ) -> Tensor:
     r"""InfoNCE (van den Oord et al. 2018, "Representation Learning with Contrastive Predictive
     Coding"), a drop-in for ``F.cross_entropy(query @ key.T / t, arange(N))`` that never
@@ -51,7 +73,7 @@ def info_nce(
         in_batch_negatives: use the other keys of the batch as negatives.
         symmetric: average with the key-to-query loss.
         reduction: "mean", "sum" or "none" (shape (N,)).
-        backend: "auto" (triton on CUDA, blockwise on CPU), "triton", "blockwise" or "dense".
+        backend: "auto" (triton on CUDA, blockwise on CPU), "triton", "blockwise" or "dense".{common}
 
     Returns:
         A float32 scalar (or (N,) with ``reduction="none"``). NaN in the inputs gives NaN.
@@ -62,9 +84,10 @@ def info_nce(
         >>> loss = info_nce(q, k, temperature=0.1)
     """
     check.pair("query", query, "key", key)
-    scale = 1.0 / check.positive_scalar("temperature", temperature, query.device, query.dtype, what=TEMPERATURE)
+    scale = 1.0 / check.positive_scalar("temperature", temperature, query.device, query.dtype, what=TEMPERATURE,
+                                        reciprocal=True)
     check.reduction(reduction)
-    resolve_backend(backend, query.device)
+    resolve_backend(backend, query.device, query.dtype)
     if queue is not None:
         check.features("queue", queue)
         check.same_kind("query", query, "queue", queue, same_rows=False)
@@ -72,7 +95,8 @@ def info_nce(
             raise ValueError("symmetric=True cannot be combined with a queue: the queue has no queries of its own")
     elif not in_batch_negatives:
         raise ValueError("in_batch_negatives=False needs a queue of negatives (queue=None leaves none)")
-    return torch.ops.contrastive.info_nce(query, key, scale, queue, in_batch_negatives, symmetric, reduction, backend)
+    args = (query, key, scale, queue, in_batch_negatives, symmetric, reduction, bool(deterministic), backend)
+    return _dispatch("info_nce", loss_ops.info_nce_impl, args, process_group, ("query", query))
 
 
 def clip_loss(
@@ -81,6 +105,8 @@ def clip_loss(
     logit_scale: float | Tensor,
     *,
     backend: str = "auto",
+    deterministic: bool = False,
+    process_group: object | None = None,
 ) -> Tensor:
     r"""Symmetric CLIP loss (Radford et al. 2021), as OpenCLIP's ``ClipLoss`` computes it:
 
@@ -94,7 +120,7 @@ def clip_loss(
     Args:
         image_features: (N, D). text_features: (N, D), same dtype and device.
         logit_scale: positive float or 0-dim tensor.
-        backend: "auto", "triton", "blockwise" or "dense".
+        backend: "auto", "triton", "blockwise" or "dense".{common}
 
     Example:
         >>> img = torch.nn.functional.normalize(torch.randn(64, 512), dim=1)
@@ -105,8 +131,9 @@ def clip_loss(
     scale = check.positive_scalar(
         "logit_scale", logit_scale, image_features.device, image_features.dtype, what="the logit multiplier"
     )
-    resolve_backend(backend, image_features.device)
-    return torch.ops.contrastive.clip_loss(image_features, text_features, scale, backend)
+    resolve_backend(backend, image_features.device, image_features.dtype)
+    args = (image_features, text_features, scale, bool(deterministic), backend)
+    return _dispatch("clip_loss", loss_ops.clip_loss_impl, args, process_group, ("image_features", image_features))
 
 
 def nt_xent(
@@ -117,6 +144,8 @@ def nt_xent(
     normalize: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
+    deterministic: bool = False,
+    process_group: object | None = None,
 ) -> Tensor:
     r"""NT-Xent, SimCLR's loss (Chen et al. 2020), over the 2N views z = [z1; z2]:
 
@@ -129,17 +158,19 @@ def nt_xent(
         temperature: positive float or 0-dim tensor.
         normalize: L2-normalise the rows first (SimCLR's cosine similarity).
         reduction: "mean" over the 2N views, "sum", or "none" (shape (2N,)).
-        backend: "auto", "triton", "blockwise" or "dense".
+        backend: "auto", "triton", "blockwise" or "dense".{common}
 
     Example:
         >>> z1, z2 = torch.randn(128, 64), torch.randn(128, 64)
         >>> loss = nt_xent(z1, z2, temperature=0.5)
     """
     check.pair("z1", z1, "z2", z2)
-    scale = 1.0 / check.positive_scalar("temperature", temperature, z1.device, z1.dtype, what=TEMPERATURE)
+    scale = 1.0 / check.positive_scalar("temperature", temperature, z1.device, z1.dtype, what=TEMPERATURE,
+                                        reciprocal=True)
     check.reduction(reduction)
-    resolve_backend(backend, z1.device)
-    return torch.ops.contrastive.nt_xent(z1, z2, scale, bool(normalize), reduction, backend)
+    resolve_backend(backend, z1.device, z1.dtype)
+    args = (z1, z2, scale, bool(normalize), reduction, bool(deterministic), backend)
+    return _dispatch("nt_xent", loss_ops.nt_xent_impl, args, process_group, ("z1", z1))
 
 
 def supcon(
@@ -149,6 +180,8 @@ def supcon(
     temperature: float | Tensor = 0.1,
     normalize: bool = True,
     backend: str = "auto",
+    deterministic: bool = False,
+    process_group: object | None = None,
 ) -> Tensor:
     r"""Supervised contrastive loss, L_out of Khosla et al. 2020 (eq. 2):
 
@@ -163,7 +196,7 @@ def supcon(
         labels: (N,) integer class ids (one per sample, shared by its views).
         temperature: positive float or 0-dim tensor.
         normalize: L2-normalise the rows first.
-        backend: "auto", "triton", "blockwise" or "dense".
+        backend: "auto", "triton", "blockwise" or "dense".{common}
 
     Example:
         >>> feats = torch.randn(32, 2, 128)           # 32 samples, 2 views
@@ -171,90 +204,225 @@ def supcon(
         >>> loss = supcon(feats, labels, temperature=0.1)
     """
     check.features("features", features, ndims=(2, 3))
-    check.labels(labels, features.shape[0])
-    if labels.device != features.device:
-        raise ValueError(f"labels are on device {labels.device} but features are on {features.device}")
-    scale = 1.0 / check.positive_scalar("temperature", temperature, features.device, features.dtype, what=TEMPERATURE)
-    resolve_backend(backend, features.device)
-    if not torch.compiler.is_compiling():
-        views = features.shape[1] if features.dim() == 3 else 1
-        if views == 1 and torch.unique(labels, return_counts=True)[1].max() < 2:
-            raise ValueError(
-                "supcon: no anchor has a positive (every label occurs once and there is one view per "
-                "sample); give several samples per class or several views per sample"
-            )
-    return torch.ops.contrastive.supcon(features, labels, scale, bool(normalize), backend)
+    check.labels(labels, features.shape[0], features.device)
+    scale = 1.0 / check.positive_scalar("temperature", temperature, features.device, features.dtype,
+                                        what=TEMPERATURE, reciprocal=True)
+    resolve_backend(backend, features.device, features.dtype)
+    views = features.shape[1] if features.dim() == 3 else 1
+    if views == 1 and dist_.world(process_group)[1] == 1:
+        check.some_positive("supcon", labels, labels)
+    args = (features, labels, scale, bool(normalize), bool(deterministic), backend)
+    return _dispatch("supcon", loss_ops.supcon_impl, args, process_group, ("features", features))
 
 
-class InfoNCELoss(nn.Module):
+def nca(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    scale: float | Tensor = 1.0,
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+    deterministic: bool = False,
+    process_group: object | None = None,
+) -> Tensor:
+    r"""Neighbourhood Components Analysis (Goldberger et al. 2004), as a loss on embeddings:
+
+        p_ij = exp(-s ||x_i - x_j||^2) / sum_{k != i} exp(-s ||x_i - x_k||^2)      (j != i)
+        loss_i = -log sum_{j in P(i)} p_ij,      P(i) = {j != i : labels_j = labels_i}
+
+    averaged over the anchors that have a positive. Both log-sum-exps come from one tiled pass:
+    -s||x_i - x_j||^2 = 2s x_i.x_j - s|x_j|^2 - s|x_i|^2, where the last term cancels, so the
+    engine runs with scale 2s, a per-column bias -s|x_j|^2 and the label mask. Never stores
+    the N x N distances; 2N^2 D flops forward, 4N^2 D backward.
+
+    Args:
+        embeddings: (N, D) float32, bfloat16, float16 (float64 on the CPU backends).
+        labels: (N,) integer class ids.
+        scale: s > 0, the softmax scale on squared distances (pytorch-metric-learning's
+            ``softmax_scale``); float or 0-dim tensor (gets a gradient if it requires one).
+        normalize: L2-normalise the rows first.
+        reduction: "mean" over anchors with a positive, "sum", or "none" ((N,), 0 for anchors
+            without a positive).
+        backend: "auto", "triton", "blockwise" or "dense".{common}
+
+    Example:
+        >>> x = torch.randn(512, 64, requires_grad=True)
+        >>> loss = nca(x, torch.randint(0, 16, (512,)), scale=0.5)
+    """
+    check.features("embeddings", embeddings)
+    check.labels(labels, embeddings.shape[0], embeddings.device)
+    s = check.positive_scalar("scale", scale, embeddings.device, embeddings.dtype,
+                              what="the softmax scale on squared distances")
+    check.reduction(reduction)
+    resolve_backend(backend, embeddings.device, embeddings.dtype)
+    if dist_.world(process_group)[1] == 1:
+        check.some_positive("nca", labels, labels)
+    args = (embeddings, labels, s, bool(normalize), reduction, bool(deterministic), backend)
+    return _dispatch("nca", loss_ops.nca_impl, args, process_group, ("embeddings", embeddings))
+
+
+def n_pair(
+    anchors: Tensor,
+    positives: Tensor,
+    *,
+    l2_reg: float = 0.002,
+    backend: str = "auto",
+    deterministic: bool = False,
+    process_group: object | None = None,
+) -> Tensor:
+    r"""Multi-class N-pair loss (Sohn 2016, "Improved Deep Metric Learning with Multi-class
+    N-pair Loss Objective"):
+
+        loss = mean_i log(1 + sum_{j != i} exp(f_i.f+_j - f_i.f+_i))
+               + l2_reg * mean over the 2N embeddings of |f|^2
+
+    The first term is InfoNCE at temperature 1 over the in-batch positives (one tiled pass).
+
+    Args:
+        anchors, positives: (N, D), row i of each a positive pair (one pair per class).
+        l2_reg: weight of the embedding-norm regulariser, >= 0.
+        backend: "auto", "triton", "blockwise" or "dense".{common}
+
+    Example:
+        >>> loss = n_pair(torch.randn(128, 64), torch.randn(128, 64))
+    """
+    check.pair("anchors", anchors, "positives", positives)
+    l2 = check.non_negative("l2_reg", l2_reg, what="weight of the squared-norm regulariser")
+    resolve_backend(backend, anchors.device, anchors.dtype)
+    args = (anchors, positives, l2, bool(deterministic), backend)
+    return _dispatch("n_pair", loss_ops.n_pair_impl, args, process_group, ("anchors", anchors))
+
+
+def uniformity(
+    x: Tensor,
+    *,
+    t: float | Tensor = 2.0,
+    backend: str = "auto",
+    deterministic: bool = False,
+    process_group: object | None = None,
+) -> Tensor:
+    r"""Uniformity of embeddings on the hypersphere (Wang and Isola 2020):
+
+        uniformity = log mean_{i != j} exp(-t ||x_i - x_j||^2)
+
+    as one tiled pass of the engine (scale 2t, column bias -t|x_j|^2, the row term -t|x_i|^2
+    added after), so it runs on 10^6 embeddings in O(N D) memory. The rows are used as given
+    (Wang and Isola apply it to L2-normalised features: normalise first). With a process group,
+    every rank returns the uniformity of the global batch.
+
+    Args:
+        x: (N, D), N >= 2 (over the whole group).
+        t: positive float or 0-dim tensor.
+        backend: "auto", "triton", "blockwise" or "dense".{common}
+
+    Example:
+        >>> z = torch.nn.functional.normalize(torch.randn(4096, 128), dim=1)
+        >>> u = uniformity(z, t=2.0)      # about -3.9 for uniform points in 128-D
+    """
+    check.features("x", x)
+    tt = check.positive_scalar("t", t, x.device, x.dtype, what="the Gaussian potential's scale")
+    resolve_backend(backend, x.device, x.dtype)
+    if x.shape[0] * dist_.world(process_group)[1] < 2:
+        raise ValueError(f"uniformity needs at least 2 rows in x (pairs i != j), got shape {tuple(x.shape)}")
+    args = (x, tt, bool(deterministic), backend)
+    return _dispatch("uniformity", loss_ops.uniformity_impl, args, process_group, ("x", x))
+
+
+class _LossModule(nn.Module):
+    """Module form of a loss function: the options are fixed at construction, the tensors are
+    passed to ``forward``. Options are validated at the first call, by the function."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not isinstance(v, Tensor))
+
+
+class InfoNCELoss(_LossModule):
     """Module form of :func:`info_nce`; ``forward(query, key, queue=None)``."""
 
-    def __init__(
-        self,
-        temperature: float | Tensor = 0.07,
-        *,
-        in_batch_negatives: bool = True,
-        symmetric: bool = False,
-        reduction: str = "mean",
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        self.temperature = temperature
-        self.in_batch_negatives = in_batch_negatives
-        self.symmetric = symmetric
-        self.reduction = reduction
-        self.backend = backend
+    def __init__(self, temperature: float | Tensor = 0.07, *, in_batch_negatives: bool = True,
+                 symmetric: bool = False, reduction: str = "mean", backend: str = "auto",
+                 deterministic: bool = False, process_group: object | None = None) -> None:
+        super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
+                         reduction=reduction, backend=backend, deterministic=deterministic,
+                         process_group=process_group)
 
     def forward(self, query: Tensor, key: Tensor, queue: Tensor | None = None) -> Tensor:
-        return info_nce(
-            query,
-            key,
-            temperature=self.temperature,
-            queue=queue,
-            in_batch_negatives=self.in_batch_negatives,
-            symmetric=self.symmetric,
-            reduction=self.reduction,
-            backend=self.backend,
-        )
+        return info_nce(query, key, queue=queue, **self.options)
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(_LossModule):
     """Module form of :func:`clip_loss`; ``forward(image_features, text_features, logit_scale)``."""
 
-    def __init__(self, *, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = backend
+    def __init__(self, *, backend: str = "auto", deterministic: bool = False,
+                 process_group: object | None = None) -> None:
+        super().__init__(backend=backend, deterministic=deterministic, process_group=process_group)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor) -> Tensor:
-        return clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+        return clip_loss(image_features, text_features, logit_scale, **self.options)
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(_LossModule):
     """Module form of :func:`nt_xent`; ``forward(z1, z2)``."""
 
-    def __init__(
-        self, temperature: float | Tensor = 0.5, *, normalize: bool = True, reduction: str = "mean", backend: str = "auto"
-    ) -> None:
-        super().__init__()
-        self.temperature = temperature
-        self.normalize = normalize
-        self.reduction = reduction
-        self.backend = backend
+    def __init__(self, temperature: float | Tensor = 0.5, *, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto", deterministic: bool = False, process_group: object | None = None) -> None:
+        super().__init__(temperature=temperature, normalize=normalize, reduction=reduction, backend=backend,
+                         deterministic=deterministic, process_group=process_group)
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        return nt_xent(
-            z1, z2, temperature=self.temperature, normalize=self.normalize, reduction=self.reduction, backend=self.backend
-        )
+        return nt_xent(z1, z2, **self.options)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_LossModule):
     """Module form of :func:`supcon`; ``forward(features, labels)``."""
 
-    def __init__(self, temperature: float | Tensor = 0.1, *, normalize: bool = True, backend: str = "auto") -> None:
-        super().__init__()
-        self.temperature = temperature
-        self.normalize = normalize
-        self.backend = backend
+    def __init__(self, temperature: float | Tensor = 0.1, *, normalize: bool = True, backend: str = "auto",
+                 deterministic: bool = False, process_group: object | None = None) -> None:
+        super().__init__(temperature=temperature, normalize=normalize, backend=backend,
+                         deterministic=deterministic, process_group=process_group)
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        return supcon(features, labels, temperature=self.temperature, normalize=self.normalize, backend=self.backend)
+        return supcon(features, labels, **self.options)
+
+
+class NCALoss(_LossModule):
+    """Module form of :func:`nca`; ``forward(embeddings, labels)``."""
+
+    def __init__(self, scale: float | Tensor = 1.0, *, normalize: bool = False, reduction: str = "mean",
+                 backend: str = "auto", deterministic: bool = False, process_group: object | None = None) -> None:
+        super().__init__(scale=scale, normalize=normalize, reduction=reduction, backend=backend,
+                         deterministic=deterministic, process_group=process_group)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return nca(embeddings, labels, **self.options)
+
+
+class NPairLoss(_LossModule):
+    """Module form of :func:`n_pair`; ``forward(anchors, positives)``."""
+
+    def __init__(self, l2_reg: float = 0.002, *, backend: str = "auto", deterministic: bool = False,
+                 process_group: object | None = None) -> None:
+        super().__init__(l2_reg=l2_reg, backend=backend, deterministic=deterministic, process_group=process_group)
+
+    def forward(self, anchors: Tensor, positives: Tensor) -> Tensor:
+        return n_pair(anchors, positives, **self.options)
+
+
+class UniformityLoss(_LossModule):
+    """Module form of :func:`uniformity`; ``forward(x)``."""
+
+    def __init__(self, t: float | Tensor = 2.0, *, backend: str = "auto", deterministic: bool = False,
+                 process_group: object | None = None) -> None:
+        super().__init__(t=t, backend=backend, deterministic=deterministic, process_group=process_group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return uniformity(x, **self.options)
+
+
+for _fn in (info_nce, clip_loss, nt_xent, supcon, nca, n_pair, uniformity):
+    _fn.__doc__ = _fn.__doc__.replace("{common}", COMMON_ARGS)
