@@ -41,29 +41,38 @@ def block_rows_for(n: int, m: int, buffers: int = 2) -> int:
     return max(1, min(n, 2048, WORKSPACE_ELEMENTS // (buffers * max(m, 1))))
 
 
-def _fold_grad(shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+#: exp(x) for x below e^-87 is subnormal in float32, and on CPUs both this exp and every GEMM
+#: product with such values are 10-100x slower (a trained CLIP scale of 100, or NCA on raw
+#: squared distances, puts most logits of a row that far below its max). So float32 arguments
+#: (already shifted by the row's or column's log-sum-exp) are clamped at -64 before exp(): a
+#: term below e^-64 = 1.6e-28 of the largest is raised to it, which changes a sum of M terms
+#: by at most M * 1.6e-28 relative (7e-19 for M = 2^32), and keeps every G value times a key
+#: entry above 1e-10 in the normal range for the GEMMs. Rows or columns with nothing allowed
+#: keep their -inf explicitly.
+EXP_FLOOR = {torch.float32: -64.0}
+
+
+def _fold_grad(shift: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """g exp(Z - r) = exp(Z - (r - log g)) when g >= 0 (the usual case: a mean of the losses).
 
     Folding log g into the shift saves one full pass over each (rows x M) block; g = 0 gives
     a shift of +inf and exp(-inf) = 0. Otherwise (negative or NaN upstream gradients) the
-    multiply stays, and the returned grad is not None.
+    multiply stays, and the returned grad is not None. The third value is the floor of the
+    shifted argument (the floor of exp(Z - r) moved by log g), or None for the default.
     """
     if bool((grad >= 0).all()):
-        return shift - grad.log(), None
-    return shift, grad
+        floor = EXP_FLOOR.get(shift.dtype)
+        log_g = grad.log()
+        return shift - log_g, None, (None if floor is None else floor + log_g)
+    return shift, grad, None
 
 
-#: exp(x) for x below this is subnormal in float32, and this CPU's exp is 10-30x slower there
-#: (a trained CLIP scale of 100 puts most logits of a row that far below its max). Clamping
-#: the shifted logits at the floor changes a sum whose largest term is 1 by at most
-#: M * 1.6e-38; rows or columns with nothing allowed keep their -inf explicitly.
-EXP_FLOOR = {torch.float32: -87.0}
-
-
-def _exp_(x: Tensor) -> Tensor:
-    floor = EXP_FLOOR.get(x.dtype)
+def _exp_(x: Tensor, floor: Tensor | None = None) -> Tensor:
+    """exp(x) in place, x clamped at the float32 floor (or at ``floor``, broadcast)."""
     if floor is not None:
-        x.clamp_min_(floor)
+        torch.clamp_min_(x, floor)
+    elif x.dtype in EXP_FLOOR:
+        x.clamp_min_(EXP_FLOOR[x.dtype])
     return x.exp_()
 
 
@@ -217,9 +226,9 @@ def lse_backward(
                      buffers=3 if labels_mode else 2)
     acc, device, qa, ka = blocks.acc, q.device, blocks.qa, blocks.ka
 
-    row_shift, g_row = _fold_grad(finite_or_zero(stats.row_lse.to(acc)), grad_row.to(acc))
+    row_shift, g_row, row_floor = _fold_grad(finite_or_zero(stats.row_lse.to(acc)), grad_row.to(acc))
     if grad_col is not None:
-        col_shift, g_col = _fold_grad(finite_or_zero(stats.col_lse.to(acc)), grad_col.to(acc))
+        col_shift, g_col, col_floor = _fold_grad(finite_or_zero(stats.col_lse.to(acc)), grad_col.to(acc))
     if has_pos:
         w = None if grad_positive_sum is None else grad_positive_sum.to(acc)
         u = None if grad_positive_lse is None else grad_positive_lse.to(acc)
@@ -235,19 +244,22 @@ def lse_backward(
         g = blocks.buffers[1][: stop - start]
         # excluded entries have Z = -inf, so G = 0 there (or the float32 floor e^-87 ~ 1.6e-38,
         # which no float32 sum can see)
-        _exp_(torch.sub(z, row_shift[rows, None], out=g))
+        _exp_(torch.sub(z, row_shift[rows, None], out=g), None if row_floor is None else row_floor[rows, None])
         if g_row is not None:
             g.mul_(g_row[rows, None])
         if has_pos and labels_mode:
             # [j in P(i)] (w_i + u_i exp(Z_ij - pl_i)), before z is overwritten below
             p = blocks.buffers[2][: stop - start]
+            mask = blocks.label_mask(start, stop)
             if u is not None:
-                _exp_(torch.sub(z, pos_shift[rows, None], out=p)).mul_(u[rows, None])
+                # exp(Z - pl) only on the positives: elsewhere Z may exceed pl by far (overflow)
+                torch.where(mask, torch.sub(z, pos_shift[rows, None], out=p), p.new_full((), -math.inf), out=p)
+                _exp_(p).mul_(u[rows, None])
                 if w is not None:
                     p.add_(w[rows, None])
             else:
                 p.copy_(w[rows, None].expand_as(p))
-            g.add_(p.mul_(blocks.label_mask(start, stop)))
+            g.add_(p.mul_(mask))
         elif has_pos:
             idx, ok = blocks.index_of(start, stop)
             term = torch.zeros(stop - start, dtype=acc, device=device)
@@ -257,7 +269,7 @@ def lse_backward(
                 term = term + u[rows] * torch.exp(z.gather(1, idx).squeeze(1) - pos_shift[rows])
             g.scatter_add_(1, idx, torch.where(ok, term, 0.0)[:, None])
         if grad_col is not None:
-            _exp_(z.sub_(col_shift[None, :]))
+            _exp_(z.sub_(col_shift[None, :]), None if col_floor is None else col_floor[None, :])
             if g_col is not None:
                 z.mul_(g_col[None, :])
             g.add_(z)
