@@ -1,0 +1,624 @@
+"""Pairwise-distance engine for the metric-learning losses (triplet mining, DrLIM), tiled.
+
+Backends (``"triton"`` in :mod:`csrc_triton.triton_distance`, ``"blockwise"`` and ``"dense"``
+here) satisfy :class:`DistanceBackend`; :mod:`csrc_triton.distance_ops` picks one by name from
+:data:`REGISTRY` and never special-cases it. This docstring is the documentation of record.
+
+Notation and conventions (as in :mod:`csrc_triton.backend`)
+----------------------------------------------------------
+x (N, D) anchors, y (M, D) candidates, same dtype (float32, bfloat16, float16; float64 on the
+CPU backends) and device; ``row_labels`` (N,) and ``col_labels`` (M,) int64. Accumulation is
+float32 (float64 for float64 inputs) whatever the input dtype; gradients are cast once, at the
+end. ``self_offset``: anchor i is candidate ``i + self_offset`` (0 when y is x; ``rank * B``
+when a rank's B rows are compared with the R B rows of every rank; None: no self pair).
+
+    positives P(i) = {j : col_labels[j] == row_labels[i], j != i + self_offset}
+    negatives N(i) = {j : col_labels[j] != row_labels[i]}
+
+Distances, from the tile GEMM (never an N x M matrix outside ``dense``):
+
+    sq_ij = max(|x_i|^2 + |y_j|^2 - 2 x_i . y_j, 0)
+    "euclidean": d = sqrt(sq)     "squared": d = sq     "cosine": d = 1 - x_i . y_j
+
+For "cosine" the caller passes L2-normalised rows (an O(N D) step under autograd). Mining
+compares sq (euclidean, squared: the same order as d) or 1 - x.y (cosine).
+
+Mining rules (one rule for every backend)
+-----------------------------------------
+* ties: the smallest candidate index wins (torch.max / torch.min's first-occurrence rule);
+* NaN: a NaN distance wins every maximum and minimum (as torch.max/min propagate NaN), so NaN
+  inputs give NaN losses through the chosen pairs;
+* an index of -1 means "none" (no positive, or no negative).
+
+What each method computes
+-------------------------
+``mine_hard``: per anchor the farthest positive and the nearest (``farthest_negative``: the
+farthest) negative. Batch-hard mining (Hermans, Beyer and Leibe 2017).
+
+``mine_semi_hard`` (Schroff, Kalenichenko and Philbin 2015; as TensorFlow Addons'
+``triplet_semihard_loss``): the positive pairs as slots, ``positive_index`` (N, K) with K the
+largest class count among the candidates, slot r of anchor i holding its r-th same-label
+candidate in index order (-1 for the anchor itself and past the end of its class), and per
+slot the nearest negative n with d_in > d_ip (strictly, in the distance itself), or if there
+is none the farthest negative of i; -1 where the slot is empty.
+
+``batch_all_forward`` (Hermans et al.'s batch-all): per anchor
+    loss_sum_i = sum_{p in P(i), n in N(i)} relu(d_ip - d_in + margin)
+    active_i   = #{(p, n) : d_ip - d_in + margin > 0}
+without any (a, p, n) tensor: with the positive distances of i sorted, s_(0) <= ... <= s_(k-1),
+and t_n = d_in - margin, the negatives contribute
+
+    sum_p relu(s_p - t_n) = (sum of the s_p > t_n) - c_n t_n,   c_n = #{p : s_p > t_n}
+
+(a binary search and a prefix sum; c_n sums to active_i). ``batch_all_backward``: with g the
+upstream gradient of loss_sum,
+    dL/dd_in = -g_i c_n,   dL/dd_ip = g_i #{n : t_n < s_p}
+(the second from a histogram of the negatives' search positions), then the distance chain rule.
+
+``drlim_forward`` (Hadsell, Chopra and LeCun 2006): the dissimilar half of DrLIM,
+    dissimilar_i = sum_{j in N(i)} relu(margin - d_ij)^2 / 2      (euclidean d)
+``drlim_backward``: dL/dd_ij = -g_i relu(margin - d_ij). (The similar half is O(N D) from class
+statistics; it lives in :mod:`csrc_triton.triplet`.)
+
+Gradients through the distance (the "G X" form, O(tile) memory): with G_ij = dL/dd_ij,
+    euclidean: C = G / d (0 where d = 0, the gradient torch's norm gives at 0),
+    squared:   C = 2 G,
+    dx_i = rowsum(C)_i x_i - (C y)_i,   dy_j = colsum(C)_j y_j - (C^T x)_j;
+    cosine:    dx = -G y,   dy = -G^T x.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from ._alloc import empty
+from ._numerics import acc_dtype
+
+DISTANCES = ("euclidean", "squared", "cosine")
+
+#: Elements of one (block_rows x M) float32 buffer of the blockwise backend. Mining keeps about
+#: five such buffers live (distances, mask, two selections, int64 indices), batch-all about
+#: eight, so the workspace stays near 100 to 250 MB whatever N is.
+WORKSPACE_ELEMENTS = 1 << 22
+#: When set (an int), overrides the block height (tests use it to exercise many blocks).
+BLOCK_ROWS: int | None = None
+
+
+class HardPairs(NamedTuple):
+    positive_index: Tensor  # (N,) int64, -1: none
+    negative_index: Tensor  # (N,) int64, -1: none
+
+
+class SemiHardPairs(NamedTuple):
+    positive_index: Tensor  # (N, K) int64, -1: empty slot
+    negative_index: Tensor  # (N, K) int64, -1: empty slot
+
+
+class BatchAllStats(NamedTuple):
+    loss_sum: Tensor  # (N,) accumulation dtype
+    active_count: Tensor  # (N,) int64
+
+
+class DistanceBackend(Protocol):
+    """What :mod:`csrc_triton.distance_ops` needs of a backend (maths: module docstring)."""
+
+    def mine_hard(
+        self, x: Tensor, y: Tensor, *, distance: str, self_offset: int | None,
+        row_labels: Tensor, col_labels: Tensor, farthest_negative: bool,
+    ) -> HardPairs: ...
+
+    def mine_semi_hard(
+        self, x: Tensor, y: Tensor, *, distance: str, self_offset: int | None,
+        row_labels: Tensor, col_labels: Tensor,
+    ) -> SemiHardPairs: ...
+
+    def batch_all_forward(
+        self, x: Tensor, y: Tensor, *, distance: str, margin: float, self_offset: int | None,
+        row_labels: Tensor, col_labels: Tensor,
+    ) -> BatchAllStats: ...
+
+    def batch_all_backward(
+        self, grad: Tensor, x: Tensor, y: Tensor, *, distance: str, margin: float,
+        self_offset: int | None, row_labels: Tensor, col_labels: Tensor,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def drlim_forward(
+        self, x: Tensor, y: Tensor, *, margin: float, row_labels: Tensor, col_labels: Tensor,
+    ) -> Tensor: ...
+
+    def drlim_backward(
+        self, grad: Tensor, x: Tensor, y: Tensor, *, margin: float, row_labels: Tensor,
+        col_labels: Tensor,
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+#: backend name -> "module:attribute"; imported on first use (the Triton one needs triton).
+REGISTRY: dict[str, str] = {
+    "triton": "csrc_triton.triton_distance:BACKEND",
+    "blockwise": "csrc_triton.distances:BLOCKWISE",
+    "dense": "csrc_triton.distances:DENSE",
+}
+
+
+def load(name: str) -> DistanceBackend:
+    """The backend registered as ``name`` (it satisfies :class:`DistanceBackend`)."""
+    module, attr = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# --------------------------------------------------------------------------------------------
+# Label structure, O(M log M): no N x M mask is ever built for it
+# --------------------------------------------------------------------------------------------
+class ClassRanges(NamedTuple):
+    perm: Tensor  # (M,) candidates in label order (stable: ascending index within a class)
+    lo: Tensor  # (N,) first position of row i's class in that order
+    count: Tensor  # (N,) size of row i's class among the candidates
+    self_sorted: Tensor  # (N,) position of row i's own candidate in that order, -1 if none
+
+
+def class_ranges(row_labels: Tensor, col_labels: Tensor, self_offset: int | None) -> ClassRanges:
+    sorted_labels, perm = torch.sort(col_labels, stable=True)
+    lo = torch.searchsorted(sorted_labels, row_labels)
+    hi = torch.searchsorted(sorted_labels, row_labels, right=True)
+    n, m = row_labels.shape[0], col_labels.shape[0]
+    if self_offset is None:
+        self_sorted = torch.full((n,), -1, dtype=torch.int64, device=row_labels.device)
+    else:
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(m, device=perm.device)
+        own = torch.arange(n, device=perm.device) + self_offset
+        self_sorted = torch.where(own < m, inv[own.clamp(max=m - 1)], -1)
+    return ClassRanges(perm, lo, hi - lo, self_sorted)
+
+
+def label_counts(row_labels: Tensor, col_labels: Tensor, self_offset: int | None) -> tuple[Tensor, Tensor]:
+    """(|P(i)|, |N(i)|) per anchor, int64 (N,), from sorted labels."""
+    r = class_ranges(row_labels, col_labels, self_offset)
+    n_pos = r.count - (r.self_sorted >= 0).to(torch.int64)
+    return n_pos, col_labels.shape[0] - r.count
+
+
+def class_slots(r: ClassRanges, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Positions (in label order) of every anchor's class, padded to k slots.
+
+    Returns (pos (N, k) int64 position, always a valid in-class position; in_class (N, k)
+    bool, slot inside the class; positive (N, k) bool, in_class and not the anchor itself).
+    """
+    slot = torch.arange(k, device=r.lo.device)
+    in_class = slot[None, :] < r.count[:, None]
+    pos = torch.where(in_class, r.lo[:, None] + slot[None, :], r.lo[:, None])
+    return pos, in_class, in_class & (pos != r.self_sorted[:, None])
+
+
+def max_class_count(r: ClassRanges) -> int:
+    # One host synchronisation: the padded slot count K is a shape.
+    return max(int(r.count.max()), 1) if r.count.numel() else 1
+
+
+def positive_slots(row_labels: Tensor, col_labels: Tensor, self_offset: int | None) -> Tensor:
+    """positive_index (N, K) as :meth:`DistanceBackend.mine_semi_hard` lays it out."""
+    r = class_ranges(row_labels, col_labels, self_offset)
+    pos, _, positive = class_slots(r, max_class_count(r))
+    return torch.where(positive, r.perm[pos], -1)
+
+
+def _fill_class(block: Tensor, pos: Tensor, count: Tensor, value: float) -> Tensor:
+    """block[i, pos[i, :]] = value for the rows whose class is not empty. Slots past a class's
+    end repeat its first position, so every write to one address carries the same value."""
+    fill = torch.where(count[:, None] > 0, torch.full_like(pos, 0, dtype=block.dtype).fill_(value), block.gather(1, pos))
+    return block.scatter_(1, pos, fill)
+
+
+def _check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance={distance!r} is not one of {DISTANCES}")
+
+
+def _out(t: Tensor, like: Tensor) -> Tensor:
+    """Copy into a fresh output from :func:`_alloc.empty` (poisoned in tests)."""
+    out = empty(*t.shape, dtype=like.dtype if like.dtype.is_floating_point else t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+# --------------------------------------------------------------------------------------------
+# Blockwise backend
+# --------------------------------------------------------------------------------------------
+def block_rows_for(n: int, m: int, workspace: int = WORKSPACE_ELEMENTS) -> int:
+    if BLOCK_ROWS is not None:
+        return max(1, min(n, int(BLOCK_ROWS)))
+    return max(1, min(n, 2048, workspace // max(m, 1)))
+
+
+class _Tiles:
+    """x, y in the accumulation dtype with their squared norms; distance blocks on demand."""
+
+    def __init__(self, x: Tensor, y: Tensor, distance: str) -> None:
+        _check_distance(distance)
+        self.acc = acc_dtype(x)
+        self.x = x.to(self.acc)
+        self.y = y.to(self.acc)
+        self.distance = distance
+        if distance != "cosine":
+            self.x_sq = (self.x * self.x).sum(dim=1)
+            self.y_sq = (self.y * self.y).sum(dim=1)
+
+    def permute_candidates(self, perm: Tensor) -> None:
+        self.y = self.y[perm]
+        if self.distance != "cosine":
+            self.y_sq = self.y_sq[perm]
+
+    def block(self, start: int, stop: int, out: Tensor, *, mining: bool) -> Tensor:
+        """Distances of anchors start:stop to every candidate, into ``out`` (rows, M).
+
+        ``mining``: the comparison key (sq for euclidean), else the distance itself."""
+        xb = self.x[start:stop]
+        if self.distance == "cosine":
+            torch.mm(xb, self.y.T, out=out)
+            return out.neg_().add_(1.0)
+        # sq = |y|^2 - 2 x.y (one GEMM with the column norms as its bias) + |x|^2, clamped at 0
+        torch.addmm(self.y_sq[None, :], xb, self.y.T, alpha=-2.0, out=out)
+        out.add_(self.x_sq[start:stop, None]).clamp_min_(0.0)
+        if self.distance == "euclidean" and not mining:
+            out.sqrt_()
+        return out
+
+
+def _fill_self(block: Tensor, start: int, self_offset: int | None, value: float) -> None:
+    """block[i, start + i + self_offset] = value for the rows whose own candidate exists."""
+    if self_offset is None:
+        return
+    offset = start + self_offset
+    n_diag = max(0, min(block.shape[0], block.shape[1] - offset))
+    if n_diag:
+        block.diagonal(offset=offset)[:n_diag] = value
+
+
+def _chain_block(
+    coef: Tensor, dist: Tensor | None, xb: Tensor, y: Tensor, distance: str, dx_out: Tensor,
+    dy_acc: Tensor, dy_rowsum: Tensor,
+) -> None:
+    """Given G = dL/dd for a block (modified in place), dx of its rows (written) and the
+    block's dy contributions (accumulated; dy_rowsum gathers colsum(C) for the y term)."""
+    if distance == "cosine":
+        # d = 1 - x.y: dx = -G y, dy = -G^T x
+        torch.mm(coef, y, out=dx_out).neg_()
+        dy_acc.addmm_(coef.T, xb, alpha=-1.0)
+        return
+    if distance == "euclidean":
+        # C = G / d, 0 where d = 0 (torch's norm gradient at 0)
+        coef.div_(dist).masked_fill_(dist == 0, 0.0)
+    else:
+        coef.mul_(2.0)
+    # dx_i = rowsum(C)_i x_i - (C y)_i;  dy_j += colsum(C)_j y_j - (C^T x)_j
+    torch.mm(coef, y, out=dx_out).neg_().add_(coef.sum(dim=1)[:, None] * xb)
+    dy_acc.addmm_(coef.T, xb, alpha=-1.0)
+    dy_rowsum.add_(coef.sum(dim=0))
+
+
+def _finish_grads(dx: Tensor, dy: Tensor, dy_rowsum: Tensor, t: _Tiles, x: Tensor, y: Tensor, perm: Tensor | None):
+    if t.distance != "cosine":
+        dy.add_(dy_rowsum[:, None] * t.y)
+    if perm is not None:  # back from label order to the candidates' own order
+        dy = torch.empty_like(dy).index_copy_(0, perm, dy)
+    gx = empty(*x.shape, dtype=x.dtype, device=x.device)
+    gy = empty(*y.shape, dtype=y.dtype, device=y.device)
+    return gx.copy_(dx), gy.copy_(dy)
+
+
+class BlockwiseDistances:
+    """The tiling in plain PyTorch: a block of anchor rows against every candidate at a time,
+    O(block x M) workspace (:data:`WORKSPACE_ELEMENTS`), float32 (float64) GEMMs."""
+
+    name = "blockwise"
+
+    # ---------------------------------------------------------------- hard mining
+    def mine_hard(self, x, y, *, distance, self_offset, row_labels, col_labels, farthest_negative):
+        t = _Tiles(x, y, distance)
+        n, m = x.shape[0], y.shape[0]
+        n_pos, n_neg = label_counts(row_labels, col_labels, self_offset)
+        rows = block_rows_for(n, m)
+        dist = torch.empty(rows, m, dtype=t.acc, device=x.device)
+        pick = torch.empty(rows, m, dtype=t.acc, device=x.device)
+        same = torch.empty(rows, m, dtype=torch.bool, device=x.device)
+        pos_idx = torch.empty(n, dtype=torch.int64, device=x.device)
+        neg_idx = torch.empty(n, dtype=torch.int64, device=x.device)
+        lowest = torch.tensor(-math.inf, dtype=t.acc, device=x.device)  # where(..., out=) wants tensors
+        highest = torch.tensor(math.inf, dtype=t.acc, device=x.device)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            r = stop - start
+            d = t.block(start, stop, dist[:r], mining=True)
+            eq = torch.eq(row_labels[start:stop, None], col_labels[None, :], out=same[:r])
+            p = torch.where(eq, d, lowest, out=pick[:r])
+            _fill_self(p, start, self_offset, -math.inf)
+            pos_idx[start:stop] = p.max(dim=1).indices  # first maximum; NaN wins
+            if farthest_negative:
+                neg_idx[start:stop] = torch.where(eq, lowest, d, out=pick[:r]).max(dim=1).indices
+            else:
+                neg_idx[start:stop] = torch.where(eq, highest, d, out=pick[:r]).min(dim=1).indices
+        return HardPairs(
+            _out(torch.where(n_pos > 0, pos_idx, -1), pos_idx),
+            _out(torch.where(n_neg > 0, neg_idx, -1), neg_idx),
+        )
+
+    # ---------------------------------------------------------------- semi-hard mining
+    def mine_semi_hard(self, x, y, *, distance, self_offset, row_labels, col_labels):
+        t = _Tiles(x, y, distance)
+        n, m = x.shape[0], y.shape[0]
+        cr = class_ranges(row_labels, col_labels, self_offset)
+        k = max_class_count(cr)
+        slots, in_class, positive = class_slots(cr, k)
+        t.permute_candidates(cr.perm)  # columns in label order: a class is a contiguous range
+        _, n_neg = label_counts(row_labels, col_labels, self_offset)
+        rows = block_rows_for(n, m, WORKSPACE_ELEMENTS // 2)
+        dist = torch.empty(rows, m, dtype=t.acc, device=x.device)
+        neg_out = torch.full((n, k), -1, dtype=torch.int64, device=x.device)
+        big = torch.iinfo(torch.int64).max
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            r = stop - start
+            d = t.block(start, stop, dist[:r], mining=False)
+            pos = slots[start:stop]
+            s = torch.where(positive[start:stop], d.gather(1, pos), math.inf)  # (r, k) d_ip
+            s_sorted, order = torch.sort(s, dim=1)
+            _fill_class(d, pos, cr.count[start:stop], -math.inf)  # the class is no negative
+            nan_neg = torch.isnan(d)
+            any_nan = nan_neg.any(dim=1)
+            cols = cr.perm[None, :].expand(r, m)  # original index of each (label-ordered) column
+            # farthest negative (the fallback), smallest original index among equals
+            far_val = d.max(dim=1, keepdim=True).values
+            fallback = torch.where(d == far_val, cols, big).amin(dim=1)
+            # bucket b = #{p : s_p < v}: v is a semi-hard negative of the sorted positives 0..b-1
+            bucket = torch.searchsorted(s_sorted, d)
+            bucket.masked_fill_(nan_neg, k)
+            bmin = torch.full((r, k + 1), math.inf, dtype=t.acc, device=x.device)
+            bmin.scatter_reduce_(1, bucket, d.nan_to_num(nan=math.inf), "amin")
+            # smallest index among a bucket's minima (equal distances share a bucket)
+            is_min = d == bmin.gather(1, bucket)
+            barg = torch.full((r, k + 1), big, dtype=torch.int64, device=x.device)
+            barg.scatter_reduce_(1, bucket, torch.where(is_min, cols, big), "amin")
+            # nearest semi-hard negative of sorted positive q: the minimum over buckets b > q
+            tail_val, tail_at = torch.cummin(bmin[:, 1:].flip(1), dim=1)
+            best_val = tail_val.flip(1)  # (r, k)
+            best_bucket = k - tail_at.flip(1)
+            best_idx = barg.gather(1, best_bucket)
+            chosen = torch.where(best_val < math.inf, best_idx, fallback[:, None])
+            if bool(any_nan.any()):  # NaN wins: the first NaN negative for every slot
+                first_nan = torch.where(nan_neg, cols, big).amin(dim=1)
+                chosen = torch.where(any_nan[:, None], first_nan[:, None], chosen)
+            by_slot = torch.empty_like(chosen).scatter_(1, order, chosen)
+            ok = positive[start:stop] & (n_neg[start:stop, None] > 0)
+            neg_out[start:stop] = torch.where(ok, by_slot, -1)
+        pos_out = torch.where(positive, cr.perm[slots], -1)
+        return SemiHardPairs(_out(pos_out, pos_out), _out(neg_out, neg_out))
+
+    # ---------------------------------------------------------------- batch-all
+    def _batch_all_blocks(self, x, y, distance, margin, self_offset, row_labels, col_labels, grad):
+        """Forward (grad None): (loss_sum, active_count). Backward: (dx, dy)."""
+        t = _Tiles(x, y, distance)
+        n, m = x.shape[0], y.shape[0]
+        cr = class_ranges(row_labels, col_labels, self_offset)
+        k = max_class_count(cr)
+        slots, _, positive = class_slots(cr, k)
+        t.permute_candidates(cr.perm)
+        rows = block_rows_for(n, m, WORKSPACE_ELEMENTS // 4)
+        dist = torch.empty(rows, m, dtype=t.acc, device=x.device)
+        if grad is None:
+            loss_sum = torch.empty(n, dtype=t.acc, device=x.device)
+            active = torch.empty(n, dtype=torch.int64, device=x.device)
+        else:
+            g_all = grad.to(t.acc)
+            dx = torch.empty(n, x.shape[1], dtype=t.acc, device=x.device)
+            dy = torch.zeros(m, x.shape[1], dtype=t.acc, device=x.device)
+            dy_rowsum = torch.zeros(m, dtype=t.acc, device=x.device)
+        flt_max = torch.finfo(t.acc).max
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            r = stop - start
+            d = t.block(start, stop, dist[:r], mining=False)
+            pos = slots[start:stop]
+            is_pos = positive[start:stop]
+            s = torch.where(is_pos, d.gather(1, pos), math.inf)
+            s_sorted, order = torch.sort(s, dim=1)
+            n_p = is_pos.sum(dim=1)  # k_i
+            slot = torch.arange(k, device=x.device)
+            valid_sorted = slot[None, :] < n_p[:, None]
+            prefix = torch.zeros(r, k + 1, dtype=t.acc, device=x.device)
+            torch.cumsum(torch.where(valid_sorted, s_sorted, 0.0), dim=1, out=prefix[:, 1:])
+            total = prefix.gather(1, n_p[:, None])
+            # a NaN anywhere in the row makes the anchor's loss (and its gradients) NaN
+            row_nan = torch.isnan(d.sum(dim=1))
+            dist_copy = d.clone() if (grad is not None and distance == "euclidean") else None
+            # t_n = d_in - margin; the class gets t = FLT_MAX: c = 0 and a zero contribution
+            tn = _fill_class(d, pos, cr.count[start:stop], flt_max).sub_(margin)
+            idx = torch.searchsorted(s_sorted, tn, right=True)  # #{s <= t_n}
+            c = (n_p[:, None] - idx).clamp_(min=0)  # #{p : s_p > t_n}
+            if grad is None:
+                above = total - prefix.gather(1, idx.clamp_(max=k))  # sum of the s_p > t_n
+                contrib = above.sub_(c.to(t.acc) * tn)
+                loss_sum[start:stop] = torch.where(row_nan, math.nan, contrib.sum(dim=1))
+                active[start:stop] = c.sum(dim=1)
+                continue
+            g = g_all[start:stop]
+            g = torch.where(row_nan, math.nan, g)
+            # dL/dd_in = -g c_n; dL/dd_ip = g #{n : t_n < s_p} = g #{n : idx_n <= rank(p)}
+            hist = torch.zeros(r, k + 1, dtype=t.acc, device=x.device)
+            hist.scatter_add_(1, idx.clamp_(max=k), torch.ones_like(tn))
+            w_sorted = hist.cumsum(dim=1)[:, :k]
+            w = torch.empty_like(w_sorted).scatter_(1, order, w_sorted)
+            coef = c.to(t.acc).mul_(-g[:, None])
+            coef.scatter_add_(1, pos, torch.where(is_pos, w * g[:, None], 0.0))
+            d_for_chain = dist_copy
+            _chain_block(coef, d_for_chain, t.x[start:stop], t.y, distance, dx[start:stop], dy, dy_rowsum)
+        if grad is None:
+            return BatchAllStats(_out(loss_sum, loss_sum), _out(active, active))
+        return _finish_grads(dx, dy, dy_rowsum, t, x, y, cr.perm)
+
+    def batch_all_forward(self, x, y, *, distance, margin, self_offset, row_labels, col_labels):
+        return self._batch_all_blocks(x, y, distance, margin, self_offset, row_labels, col_labels, None)
+
+    def batch_all_backward(self, grad, x, y, *, distance, margin, self_offset, row_labels, col_labels):
+        return self._batch_all_blocks(x, y, distance, margin, self_offset, row_labels, col_labels, grad)
+
+    # ---------------------------------------------------------------- DrLIM
+    def _drlim_blocks(self, x, y, margin, row_labels, col_labels, grad):
+        t = _Tiles(x, y, "euclidean")
+        n, m = x.shape[0], y.shape[0]
+        rows = block_rows_for(n, m)
+        dist = torch.empty(rows, m, dtype=t.acc, device=x.device)
+        hinge = torch.empty(rows, m, dtype=t.acc, device=x.device)
+        same = torch.empty(rows, m, dtype=torch.bool, device=x.device)
+        if grad is None:
+            out = empty(n, dtype=t.acc, device=x.device)
+        else:
+            g_all = grad.to(t.acc)
+            dx = torch.empty(n, x.shape[1], dtype=t.acc, device=x.device)
+            dy = torch.zeros(m, x.shape[1], dtype=t.acc, device=x.device)
+            dy_rowsum = torch.zeros(m, dtype=t.acc, device=x.device)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            r = stop - start
+            d = t.block(start, stop, dist[:r], mining=False)
+            h = torch.neg(d, out=hinge[:r]).add_(margin).clamp_min_(0.0)  # relu(m - d)
+            h.masked_fill_(torch.eq(row_labels[start:stop, None], col_labels[None, :], out=same[:r]), 0.0)
+            if grad is None:
+                out[start:stop] = h.square_().sum(dim=1).mul_(0.5)
+                continue
+            coef = h.mul_(-g_all[start:stop, None])  # dL/dd = -g relu(m - d)
+            _chain_block(coef, d, t.x[start:stop], t.y, "euclidean", dx[start:stop], dy, dy_rowsum)
+        if grad is None:
+            return out
+        return _finish_grads(dx, dy, dy_rowsum, t, x, y, None)
+
+    def drlim_forward(self, x, y, *, margin, row_labels, col_labels):
+        return self._drlim_blocks(x, y, margin, row_labels, col_labels, None)
+
+    def drlim_backward(self, grad, x, y, *, margin, row_labels, col_labels):
+        return self._drlim_blocks(x, y, margin, row_labels, col_labels, grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense backend: the reference; materialises the N x M distances (and, for batch-all, the
+# triplets of a few anchors at a time)
+# --------------------------------------------------------------------------------------------
+class DenseDistances:
+    """Materialises every distance; simple masked reductions. The reference and baseline."""
+
+    name = "dense"
+
+    @staticmethod
+    def _dist(x: Tensor, y: Tensor, distance: str, *, mining: bool) -> Tensor:
+        t = _Tiles(x, y, distance)
+        return t.block(0, x.shape[0], torch.empty(x.shape[0], y.shape[0], dtype=t.acc, device=x.device), mining=mining)
+
+    @staticmethod
+    def _masks(row_labels, col_labels, self_offset, n, m):
+        same = row_labels[:, None] == col_labels[None, :]
+        own = torch.zeros(n, m, dtype=torch.bool, device=row_labels.device)
+        if self_offset is not None:
+            i = torch.arange(n, device=own.device)
+            ok = i + self_offset < m
+            own[i[ok], (i + self_offset)[ok]] = True
+        return same & ~own, ~same
+
+    def mine_hard(self, x, y, *, distance, self_offset, row_labels, col_labels, farthest_negative):
+        d = self._dist(x, y, distance, mining=True)
+        pos, neg = self._masks(row_labels, col_labels, self_offset, *d.shape)
+        p = torch.where(pos, d, -math.inf).max(dim=1).indices
+        if farthest_negative:
+            q = torch.where(neg, d, -math.inf).max(dim=1).indices
+        else:
+            q = torch.where(neg, d, math.inf).min(dim=1).indices
+        return HardPairs(
+            _out(torch.where(pos.any(dim=1), p, -1), p), _out(torch.where(neg.any(dim=1), q, -1), q)
+        )
+
+    def mine_semi_hard(self, x, y, *, distance, self_offset, row_labels, col_labels):
+        d = self._dist(x, y, distance, mining=False)
+        _, neg = self._masks(row_labels, col_labels, self_offset, *d.shape)
+        pos_index = positive_slots(row_labels, col_labels, self_offset)  # (N, K)
+        s = d.gather(1, pos_index.clamp(min=0))  # (N, K)
+        # semi-hard candidates: negatives farther than the positive (N, K, M)
+        cand = neg[:, None, :] & (d[:, None, :] > s[:, :, None])
+        nearest = torch.where(cand, d[:, None, :], math.inf).min(dim=2)
+        farthest = torch.where(neg, d, -math.inf).max(dim=1).indices
+        chosen = torch.where(nearest.values < math.inf, nearest.indices, farthest[:, None])
+        nan_neg = neg & torch.isnan(d)
+        first_nan = nan_neg.to(torch.int8).argmax(dim=1)
+        chosen = torch.where(nan_neg.any(dim=1)[:, None], first_nan[:, None], chosen)
+        ok = (pos_index >= 0) & neg.any(dim=1)[:, None]
+        neg_index = torch.where(ok, chosen, -1)
+        return SemiHardPairs(_out(pos_index, pos_index), _out(neg_index, neg_index))
+
+    @staticmethod
+    def _chain(g: Tensor, d: Tensor, x: Tensor, y: Tensor, distance: str) -> tuple[Tensor, Tensor]:
+        """dx, dy from G = dL/dd (N, M), materialised (module docstring)."""
+        if distance == "cosine":
+            return -g @ y, -g.T @ x
+        if distance == "euclidean":
+            c = torch.where(d > 0, g / d, torch.zeros_like(g))
+            c = torch.where(torch.isnan(d) | torch.isnan(g), d + g, c)
+        else:
+            c = 2.0 * g
+        return c.sum(1)[:, None] * x - c @ y, c.sum(0)[:, None] * y - c.T @ x
+
+    def _batch_all(self, x, y, distance, margin, self_offset, row_labels, col_labels, grad):
+        """Explicit (p, n) triplets of a few anchors at a time. Forward (grad None):
+        (loss_sum, active_count); backward: (dx, dy)."""
+        _check_distance(distance)
+        n, m = x.shape[0], y.shape[0]
+        t = _Tiles(x, y, distance)
+        d = self._dist(x, y, distance, mining=False)
+        pos, neg = self._masks(row_labels, col_labels, self_offset, n, m)
+        chunk = max(1, (1 << 24) // max(m * m, 1))
+        sums, counts, g_rows = [], [], []
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            z = d[sl, :, None] - d[sl, None, :] + margin  # (rows, p, n): d_ap - d_an + margin
+            active = pos[sl, :, None] & neg[sl, None, :] & (z > 0)
+            if grad is None:
+                sums.append(torch.where(active, z, 0.0).sum(dim=(1, 2)))
+                counts.append(active.sum(dim=(1, 2)))
+            else:
+                a = active.to(d.dtype)
+                # dL/dd_ap = g #{n active}, dL/dd_an = -g #{p active}
+                g_rows.append(grad.to(d.dtype)[sl, None] * (a.sum(dim=2) - a.sum(dim=1)))
+        nan_rows = torch.isnan(d).any(dim=1)
+        if grad is None:
+            loss = torch.where(nan_rows, math.nan, torch.cat(sums))
+            count = torch.cat(counts)
+            return BatchAllStats(_out(loss, loss), _out(count, count))
+        g = torch.cat(g_rows)
+        g = torch.where(nan_rows[:, None], math.nan, g)
+        dx, dy = self._chain(g, d, t.x, t.y, distance)
+        return _out(dx, x), _out(dy, y)
+
+    def batch_all_forward(self, x, y, *, distance, margin, self_offset, row_labels, col_labels):
+        return self._batch_all(x, y, distance, margin, self_offset, row_labels, col_labels, None)
+
+    def batch_all_backward(self, grad, x, y, *, distance, margin, self_offset, row_labels, col_labels):
+        return self._batch_all(x, y, distance, margin, self_offset, row_labels, col_labels, grad)
+
+    def _drlim(self, x, y, margin, row_labels, col_labels):
+        d = self._dist(x, y, "euclidean", mining=False)
+        h = torch.where(row_labels[:, None] == col_labels[None, :], 0.0, (margin - d).clamp_min(0.0))
+        return d, h
+
+    def drlim_forward(self, x, y, *, margin, row_labels, col_labels):
+        _, h = self._drlim(x, y, margin, row_labels, col_labels)
+        out = 0.5 * (h * h).sum(dim=1)
+        return _out(out, out)
+
+    def drlim_backward(self, grad, x, y, *, margin, row_labels, col_labels):
+        d, h = self._drlim(x, y, margin, row_labels, col_labels)
+        t = _Tiles(x, y, "euclidean")
+        dx, dy = self._chain(-grad.to(d.dtype)[:, None] * h, d, t.x, t.y, "euclidean")
+        return _out(dx, x), _out(dy, y)
+
+
+BLOCKWISE = BlockwiseDistances()
+DENSE = DenseDistances()
