@@ -2,7 +2,7 @@
 
 * :func:`poison_outputs`: outputs allocated by the backends are filled with NaN, so an element a
   kernel never writes fails a test instead of passing as leftover memory;
-* :func:`blockwise_rows`: force the blockwise backend's block height (many small blocks).
+* :func:`blockwise_rows`: force the blockwise backend's tile shape (many small tiles).
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ __all__ = ["blockwise_rows", "poison_outputs"]
 
 
 @contextlib.contextmanager
-def blockwise_rows(rows: int) -> Iterator[None]:
-    """Run the blockwise backend with blocks of ``rows`` rows inside the context."""
-    previous = blockwise._block_rows_override
-    blockwise._block_rows_override = int(rows)
+def blockwise_rows(rows: int, cols: int | None = None) -> Iterator[None]:
+    """Run the blockwise backend with tiles of ``rows`` rows (and ``cols`` columns; None: all)
+    inside the context."""
+    previous = blockwise._tile_override
+    blockwise._tile_override = (int(rows), None if cols is None else int(cols))
     try:
         yield
     finally:
-        blockwise._block_rows_override = previous
+        blockwise._tile_override = previous
