@@ -111,7 +111,8 @@ def test_defaults_and_loss_lists():
 def test_compare_defaults_to_every_loss_with_a_counterpart():
     cfg, _ = cli.config_from_args(["--compare", "pml", "--device", "cpu", "--sizes", "64"])
     assert cfg.backends == ("blockwise",) and cfg.max_n_search == 0
-    assert set(cfg.losses) == {"nt_xent", "supcon", "nca", "triplet_margin", "drlim", "n_pair"}
+    assert set(cfg.losses) == {"nt_xent", "supcon", "nca", "triplet_margin",
+                               "triplet_margin_batch_all", "drlim", "n_pair"}
 
 
 def test_list_losses_names_every_case_and_its_availability(capsys):
@@ -513,6 +514,17 @@ def test_pml_triplet_and_contrastive_settings_compute_the_stated_formulas():
     d_an = (x - x[hardest_neg]).norm(dim=1)
     want = torch.relu(d_ap - d_an + cases.TRIPLET_MARGIN).mean()
     got = cases._pml_triplet_batch_hard({"embeddings": x, "labels": labels}, None)()
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    (g_want,) = torch.autograd.grad(want, x)
+    (g_got,) = torch.autograd.grad(got, x)
+    assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+    # batch-all: relu(d_ap - d_an + margin) over every valid triplet, averaged over the positive
+    a, p, n = torch.nonzero((same & ~eye)[:, :, None] & ~same[:, None, :], as_tuple=True)
+    terms = torch.relu((x[a] - x[p]).norm(dim=1) - (x[a] - x[n]).norm(dim=1)
+                       + cases.TRIPLET_MARGIN)
+    want = terms[terms > 0].mean()
+    got = cases._pml_triplet_all({"embeddings": x, "labels": labels}, None)()
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     (g_want,) = torch.autograd.grad(want, x)
     (g_got,) = torch.autograd.grad(got, x)

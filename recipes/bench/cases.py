@@ -242,6 +242,17 @@ def _pml_triplet_batch_hard(t: dict[str, Tensor], scale: float | None) -> Callab
     return lambda: loss(emb, labels, miner(emb, labels))
 
 
+def _pml_triplet_all(t: dict[str, Tensor], scale: float | None) -> Callable[[], Tensor]:
+    from pytorch_metric_learning import distances, losses
+
+    # no miner: every (anchor, positive, negative) triplet; the default reducer averages the
+    # triplets whose loss is positive, as our batch_all "mean" does
+    loss = losses.TripletMarginLoss(margin=TRIPLET_MARGIN,
+                                    distance=distances.LpDistance(normalize_embeddings=False))
+    emb, labels = t["embeddings"], t["labels"]
+    return lambda: loss(emb, labels)
+
+
 def _pml_nca(t: dict[str, Tensor], scale: float | None) -> Callable[[], Tensor]:
     from pytorch_metric_learning import distances, losses
 
@@ -296,6 +307,13 @@ def _pml_npairs(t: dict[str, Tensor], scale: float | None) -> Callable[[], Tenso
 # beyond the inputs, rounded up); only used to avoid starting what cannot fit.
 def _pml_bytes(per_n2: float):
     return lambda n, k: per_n2 * n * n
+
+
+def _pml_all_triplets_bytes(n: int, k: int) -> float:
+    # T = N (K - 1) (N - K) triplets: three int64 indices, two float distances, losses, masks;
+    # below N^3 = 2^31 PML first builds the N x N x N uint8 triplet mask
+    triplets = n * (k - 1) * max(n - k, 1)
+    return 64.0 * triplets + (n ** 3 if n ** 3 < 2 ** 31 else 0) + 64.0 * n * n
 
 
 def _pml_ntxent_bytes(n: int, k: int) -> float:
@@ -397,6 +415,13 @@ _register(Case(
     call=lambda f, t, s, b: f(t["embeddings"], t["labels"], margin=TRIPLET_MARGIN,
                               mining="batch_all", distance="euclidean", backend=b),
     flops=_eight_nnd, flop_formula="8*N*M*D",
+    peer=Peer(
+        library=PML, name="TripletMarginLoss (all triplets)",
+        settings=f"TripletMarginLoss(margin={TRIPLET_MARGIN}, distance=LpDistance("
+                 "normalize_embeddings=False)) with no miner (every triplet) and its default "
+                 "reducer (mean over the triplets with a positive loss, as ours)",
+        build=_pml_triplet_all, same_loss=True, difference="",
+        bytes_beyond=_pml_all_triplets_bytes, memory_exponent=3.0),
 ))
 
 _register(Case(

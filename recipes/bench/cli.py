@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not cfg.check:
             # the declared settings still belong next to the numbers
             peer_gates = [{"loss": loss, "message": "not run (--no-check)"} for loss in losses]
-        text = report.format_comparison(cfg, env, rows, peer_gates, not_available, cfg.check)
+        text = report.format_comparison(cfg, env, rows, peer_gates, not_available, cfg.check,
+                                        result["records"])
         print(text)
         paths = report.write_comparison(cfg, env, result, rows, gates or [], text, cfg.check)
         summary["pairs"] = rows

@@ -161,8 +161,9 @@ def peer_gate(cfg: BenchConfig, loss: str) -> dict[str, Any]:
         report["message"] = (f"same loss: agree (largest relative difference {worst:.1e})"
                              if report["agree"] else
                              f"declared the same loss but they differ: loss ours "
-                             f"{report['loss_ours']:.10g} vs {peer.name} {report['loss_peer']:.10g}, "
-                             f"largest relative RMS difference {worst:.3g} > {PEER_TOL:g}")
+                             f"{report['loss_ours']:.10g} vs {peer.name} "
+                             f"{report['loss_peer']:.10g}, largest relative RMS difference "
+                             f"{worst:.3g} > {PEER_TOL:g}")
     else:
         report["passed"] = True
         report["message"] = (f"different losses (loss ours {report['loss_ours']:.6g} vs "

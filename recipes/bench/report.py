@@ -243,7 +243,8 @@ def _fmt_ratio(value: float | None, bound: bool) -> str:
 
 
 def format_comparison(cfg: BenchConfig, env: dict, rows: list[dict], gates: list[dict],
-                      not_available: dict[str, str], checked: bool) -> str:
+                      not_available: dict[str, str], checked: bool,
+                      records: tuple[dict, ...] | list[dict] = ()) -> str:
     """The side-by-side table (ours / theirs) with each loss's gate verdict and settings."""
     lines = [
         f"ours vs pytorch-metric-learning {env.get('pml', '?')}, forward+backward, D={cfg.dim}, "
@@ -277,6 +278,12 @@ def format_comparison(cfg: BenchConfig, env: dict, rows: list[dict], gates: list
             _fmt_ratio(row.get("beyond_ratio"), False), note[:110]])
     if len(table) > 1:
         lines += [""] + _grid(table, left={0, 2, len(head) - 1})
+    contended = [r for r in records if r.get("status") == "ok" and r.get("cpu_per_wall")
+                 and r["cpu_per_wall"] < 0.75 * min(r.get("threads") or 1, os.cpu_count() or 1)]
+    if contended:
+        lines.append(f"WARNING: {len(contended)} of the measurements ran on a shared CPU "
+                     "(CPU seconds per wall second well below the thread count): their times "
+                     "are inflated, and the ratios are noisy.")
     lines += ["", "Counterparts and gate (our dense backend vs theirs, float64, "
                   "loss and every gradient):"]
     for g in gates:

@@ -2,12 +2,13 @@
 
 Before starting a child, its peak memory and time are predicted from the measurements already
 made for the same (loss, side, backend): a power law y ~ N^p through the two largest successful
-sizes, with p clamped to a plausible range (memory beyond the inputs: [0, 2], or [0, 3] for a
-peer whose memory is cubic, its ``memory_exponent``; time: [1, 2], or [1, 3]). With no measurement yet, dense is assumed
-to need :data:`DENSE_BYTES_PER_LOGIT` bytes per logit, a peer its own ``bytes_beyond``, and a
-tiled backend four times its inputs. A size predicted over the memory budget, or over the memory
-available right now, is not started (status ``skipped-predicted-mem``); a search size predicted
-over the time budget neither.
+sizes, with p clamped to a plausible range (memory beyond the inputs: [0, 2], or [0, p_peer]
+for a peer, p_peer its ``memory_exponent``, 3 where PML builds cubic masks; time: [1, 2], or
+[1, p_peer]). With no measurement yet, dense is assumed to need :data:`DENSE_BYTES_PER_LOGIT`
+bytes per logit, a peer its own ``bytes_beyond``, and a tiled backend four times its inputs.
+A size predicted over the memory budget, or over the memory available right now, is not
+started (status ``skipped-predicted-mem``); a search size predicted over the time budget
+neither.
 
 Largest-N search (``--max-n-search``): from the largest size that succeeded, double N and
 measure again until the cap, a failure, or a prediction stops it. A requested size that failed
