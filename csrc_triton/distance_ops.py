@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
+from ._alloc import empty
 from ._numerics import acc_dtype
 from .distances import DistanceBackend, load
 
@@ -42,13 +43,13 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     """"auto" -> "triton" on CUDA, "blockwise" elsewhere; checks what "triton" can run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if x.device.type == "cuda" else "blockwise"
+    if backend == "auto":  # float64 is not a Triton dtype: blockwise
+        return "triton" if x.device.type == "cuda" and x.dtype != torch.float64 else "blockwise"
     if backend == "triton":
         if x.dtype == torch.float64:
             raise TypeError(
                 "backend='triton' supports float32, bfloat16 and float16 embeddings, got float64; "
-                "use backend='blockwise' or 'dense' for float64"
+                "use backend='blockwise' or 'dense' (or 'auto') for float64"
             )
         if x.device.type != "cuda" and x.device.type != "meta" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
@@ -124,12 +125,26 @@ def _(x, y, row_labels, col_labels, self_offset, distance, backend):
 
 
 # --------------------------------------------------------------------------------------------
-# Batch-all: per-anchor sum over triplets, tiled forward and tiled (recomputing) backward
+# Batch-all and DrLIM's dissimilar half: per-anchor sums with tiled forward and backward.
+# ``y=None`` means the candidates are x itself: the backward then adds the anchor and candidate
+# gradients in float32 and casts once (a 16-bit gradient is rounded once, not twice).
 # --------------------------------------------------------------------------------------------
+def _cast_grads(x: Tensor, y: Tensor | None, dx: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    gx = empty(*x.shape, dtype=x.dtype, device=x.device)
+    if y is None:
+        return gx.copy_(dx + dy), x.new_empty(0)
+    gy = empty(*y.shape, dtype=y.dtype, device=y.device)
+    return gx.copy_(dx), gy.copy_(dy)
+
+
+def _grads_fake(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), (x.new_empty(0) if y is None else torch.empty_like(y))
+
+
 @torch.library.custom_op("contrastive::triplet_batch_all", mutates_args=())
 def triplet_batch_all(
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None,
     row_labels: Tensor,
     col_labels: Tensor,
     self_offset: int | None,
@@ -137,11 +152,12 @@ def triplet_batch_all(
     distance: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """loss_sum_i = sum_{p, n} relu(d_ip - d_in + margin) and the count of positive terms."""
+    """loss_sum_i = sum_{p, n} relu(d_ip - d_in + margin) (N,) and the count of positive terms
+    (N,) int64; y None: the candidates are x."""
     with _no_autocast(x.device):
         return tuple(
             _backend(backend, x).batch_all_forward(
-                x, y, distance=distance, margin=margin, self_offset=self_offset,
+                x, x if y is None else y, distance=distance, margin=margin, self_offset=self_offset,
                 row_labels=row_labels, col_labels=col_labels,
             )
         )
@@ -156,7 +172,7 @@ def _(x, y, row_labels, col_labels, self_offset, margin, distance, backend):
 def triplet_batch_all_backward(
     grad: Tensor,
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None,
     row_labels: Tensor,
     col_labels: Tensor,
     self_offset: int | None,
@@ -164,19 +180,18 @@ def triplet_batch_all_backward(
     distance: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of sum_i grad_i loss_sum_i with respect to x and y."""
+    """Gradients of sum_i grad_i loss_sum_i: (dx, dy); y None: (dx + dy, empty)."""
     with _no_autocast(x.device):
-        return tuple(
-            _backend(backend, x).batch_all_backward(
-                grad, x, y, distance=distance, margin=margin, self_offset=self_offset,
-                row_labels=row_labels, col_labels=col_labels,
-            )
+        dx, dy = _backend(backend, x).batch_all_backward(
+            grad, x, x if y is None else y, distance=distance, margin=margin, self_offset=self_offset,
+            row_labels=row_labels, col_labels=col_labels,
         )
+        return _cast_grads(x, y, dx, dy)
 
 
 @triplet_batch_all_backward.register_fake
 def _(grad, x, y, row_labels, col_labels, self_offset, margin, distance, backend):
-    return torch.empty_like(x), torch.empty_like(y)
+    return _grads_fake(x, y)
 
 
 def _batch_all_setup(ctx, inputs, output):
@@ -192,20 +207,22 @@ def _batch_all_backward(ctx, grad_loss, grad_count):
     dx, dy = torch.ops.contrastive.triplet_batch_all_backward(
         grad_loss.to(acc_dtype(x)).contiguous(), x, y, row_labels, col_labels, *ctx.args
     )
-    return dx, dy, None, None, None, None, None, None
+    return dx, (None if y is None else dy), None, None, None, None, None, None
 
 
 triplet_batch_all.register_autograd(_batch_all_backward, setup_context=_batch_all_setup)
 
 
-# --------------------------------------------------------------------------------------------
-# DrLIM's dissimilar half: sum over negatives of relu(margin - d)^2 / 2
-# --------------------------------------------------------------------------------------------
 @torch.library.custom_op("contrastive::drlim_dissimilar", mutates_args=())
-def drlim_dissimilar(x: Tensor, y: Tensor, row_labels: Tensor, col_labels: Tensor, margin: float, backend: str) -> Tensor:
-    """dissimilar_i = sum_{j : labels differ} relu(margin - ||x_i - y_j||)^2 / 2, (N,)."""
+def drlim_dissimilar(
+    x: Tensor, y: Tensor | None, row_labels: Tensor, col_labels: Tensor, margin: float, backend: str
+) -> Tensor:
+    """dissimilar_i = sum_{j : labels differ} relu(margin - ||x_i - y_j||)^2 / 2, (N,);
+    y None: the candidates are x."""
     with _no_autocast(x.device):
-        return _backend(backend, x).drlim_forward(x, y, margin=margin, row_labels=row_labels, col_labels=col_labels)
+        return _backend(backend, x).drlim_forward(
+            x, x if y is None else y, margin=margin, row_labels=row_labels, col_labels=col_labels
+        )
 
 
 @drlim_dissimilar.register_fake
@@ -215,18 +232,19 @@ def _(x, y, row_labels, col_labels, margin, backend):
 
 @torch.library.custom_op("contrastive::drlim_dissimilar_backward", mutates_args=())
 def drlim_dissimilar_backward(
-    grad: Tensor, x: Tensor, y: Tensor, row_labels: Tensor, col_labels: Tensor, margin: float, backend: str
+    grad: Tensor, x: Tensor, y: Tensor | None, row_labels: Tensor, col_labels: Tensor, margin: float, backend: str
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of sum_i grad_i dissimilar_i with respect to x and y."""
+    """Gradients of sum_i grad_i dissimilar_i: (dx, dy); y None: (dx + dy, empty)."""
     with _no_autocast(x.device):
-        return tuple(
-            _backend(backend, x).drlim_backward(grad, x, y, margin=margin, row_labels=row_labels, col_labels=col_labels)
+        dx, dy = _backend(backend, x).drlim_backward(
+            grad, x, x if y is None else y, margin=margin, row_labels=row_labels, col_labels=col_labels
         )
+        return _cast_grads(x, y, dx, dy)
 
 
 @drlim_dissimilar_backward.register_fake
 def _(grad, x, y, row_labels, col_labels, margin, backend):
-    return torch.empty_like(x), torch.empty_like(y)
+    return _grads_fake(x, y)
 
 
 def _drlim_setup(ctx, inputs, output):
@@ -240,7 +258,7 @@ def _drlim_backward(ctx, grad):
     dx, dy = torch.ops.contrastive.drlim_dissimilar_backward(
         grad.to(acc_dtype(x)).contiguous(), x, y, row_labels, col_labels, *ctx.args
     )
-    return dx, dy, None, None, None, None
+    return dx, (None if y is None else dy), None, None, None, None
 
 
 drlim_dissimilar.register_autograd(_drlim_backward, setup_context=_drlim_setup)
@@ -261,13 +279,20 @@ def _pair_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
 
 
 def _global_batch(embeddings: Tensor, labels: Tensor, distance: str, group: object | None):
-    """Anchors (local rows), candidates (every rank's rows, gradients back to their owners),
-    the candidates' labels, self_offset and R."""
+    """(x, y, col_labels, self_offset, R): anchors (the local rows), candidates (every rank's
+    rows in rank order, gradients back to their owners; None in a single process: x itself),
+    the candidates' labels, where anchor 0 sits among them, and R.
+
+    The cosine rows, and every row in a process group, are taken to the accumulation dtype
+    first, so that each input gradient is summed in float32 and rounded once."""
     rank, size = distributed.world(group)
     x = embeddings
     if distance == "cosine":
         # rows L2-normalised in the accumulation dtype (O(N D), under autograd)
         x = F.normalize(x.to(acc_dtype(x)), dim=1)
+    if size == 1:
+        return x, None, labels, 0, 1
+    x = x.to(acc_dtype(x))
     y = distributed.gather_rows(x, group)
     col_labels = distributed.gather_constant(labels, group)
     return x, y, col_labels, rank * x.shape[0], size
@@ -306,7 +331,9 @@ def triplet_margin_impl(
         )
         return _reduce(loss_sum, reduction, active.sum(), size, process_group)
 
-    xa, ya = x.to(acc), y.to(acc)
+    xa = x.to(acc)
+    ya = xa if y is None else y.to(acc)  # one cast: the gradients meet in float32
+    y = x if y is None else y
     if mining == "batch_hard":
         pos, neg = torch.ops.contrastive.triplet_hard_mine(
             x.detach(), y.detach(), labels, col_labels, self_offset, distance, False, backend
@@ -352,8 +379,9 @@ def drlim_impl(
 ) -> Tensor:
     acc = acc_dtype(embeddings)
     x, y, col_labels, _, size = _global_batch(embeddings, labels, "euclidean", process_group)
-    xa, ya = x.to(acc), y.to(acc)
-    m = y.shape[0]
+    xa = x.to(acc)
+    ya = xa if y is None else y.to(acc)
+    m = ya.shape[0]
     # Similar half, O(M D): sum_{j in class c} |x_i - y_j|^2 = n_c |x_i - mu_c|^2 + q_c with
     # mu_c the class mean and q_c = sum_{j in c} |y_j - mu_c|^2 (the j = i term is 0 anyway).
     sorted_labels = torch.sort(col_labels).values

@@ -57,7 +57,10 @@ upstream gradient of loss_sum,
 
 ``drlim_forward`` (Hadsell, Chopra and LeCun 2006): the dissimilar half of DrLIM,
     dissimilar_i = sum_{j in N(i)} relu(margin - d_ij)^2 / 2      (euclidean d)
-``drlim_backward``: dL/dd_ij = -g_i relu(margin - d_ij). (The similar half is O(N D) from class
+``drlim_backward``: dL/dd_ij = -g_i relu(margin - d_ij).
+
+The backward methods return (dx, dy) in the accumulation dtype: the op layer adds them when y
+is x and casts once, so a 16-bit gradient is rounded once. (The similar half is O(N D) from class
 statistics; it lives in :mod:`csrc_triton.triplet`.)
 
 Gradients through the distance (the "G X" form, O(tile) memory): with G_ij = dL/dd_ij,
@@ -234,35 +237,50 @@ def block_rows_for(n: int, m: int, workspace: int = WORKSPACE_ELEMENTS) -> int:
 
 
 class _Tiles:
-    """x, y in the accumulation dtype with their squared norms; distance blocks on demand."""
+    """x, y in the accumulation dtype (y optionally in label order) and the augmented factors
+    whose single GEMM gives a block of distances with no extra pass:
 
-    def __init__(self, x: Tensor, y: Tensor, distance: str) -> None:
+        [x, |x|^2, 1] . [-2y, 1, |y|^2]  = sq          (euclidean, squared)
+        [x, 1] . [-y, 1]                 = 1 - x.y     (cosine)
+        [x, 1] . [-2y, |y|^2]            = |y|^2 - 2 x.y   (mining key: sq less |x|^2)
+        x . (-y)                         = -x.y        (cosine mining key)
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, distance: str, *, mining: bool = False, perm: Tensor | None = None) -> None:
         _check_distance(distance)
         self.acc = acc_dtype(x)
-        self.x = x.to(self.acc)
-        self.y = y.to(self.acc)
         self.distance = distance
-        if distance != "cosine":
-            self.x_sq = (self.x * self.x).sum(dim=1)
-            self.y_sq = (self.y * self.y).sum(dim=1)
+        self.mining = mining
+        self.x = x.to(self.acc)
+        self.y = (y if perm is None else y[perm]).to(self.acc)
+        ones_x = torch.ones(x.shape[0], 1, dtype=self.acc, device=x.device)
+        ones_y = torch.ones(y.shape[0], 1, dtype=self.acc, device=x.device)
+        if distance == "cosine":
+            self.lhs = self.x if mining else torch.cat([self.x, ones_x], dim=1)
+            self.rhs = -self.y if mining else torch.cat([-self.y, ones_y], dim=1)
+            return
+        y_sq = (self.y * self.y).sum(dim=1, keepdim=True)
+        if mining:
+            self.lhs = torch.cat([self.x, ones_x], dim=1)
+            self.rhs = torch.cat([-2.0 * self.y, y_sq], dim=1)
+        else:
+            x_sq = (self.x * self.x).sum(dim=1, keepdim=True)
+            self.lhs = torch.cat([self.x, x_sq, ones_x], dim=1)
+            self.rhs = torch.cat([-2.0 * self.y, ones_y, y_sq], dim=1)
 
-    def permute_candidates(self, perm: Tensor) -> None:
-        self.y = self.y[perm]
-        if self.distance != "cosine":
-            self.y_sq = self.y_sq[perm]
-
-    def block(self, start: int, stop: int, out: Tensor, *, mining: bool) -> Tensor:
-        """Distances of anchors start:stop to every candidate, into ``out`` (rows, M).
-
-        ``mining``: the comparison key (sq for euclidean), else the distance itself."""
-        xb = self.x[start:stop]
-        if self.distance == "cosine":
-            torch.mm(xb, self.y.T, out=out)
-            return out.neg_().add_(1.0)
-        # sq = |y|^2 - 2 x.y (one GEMM with the column norms as its bias) + |x|^2, clamped at 0
-        torch.addmm(self.y_sq[None, :], xb, self.y.T, alpha=-2.0, out=out)
-        out.add_(self.x_sq[start:stop, None]).clamp_min_(0.0)
-        if self.distance == "euclidean" and not mining:
+    def block(self, start: int, stop: int, out: Tensor, *, clamp_to: float | None = None) -> Tensor:
+        """Anchors start:stop against every candidate, into ``out`` (rows, M): the mining key,
+        or the distance. ``clamp_to`` (euclidean): sq is clamped into [0, clamp_to^2] first."""
+        torch.mm(self.lhs[start:stop], self.rhs.T, out=out)
+        if self.mining or self.distance == "cosine":
+            return out
+        if clamp_to is None:
+            out.clamp_min_(0.0)
+        else:
+            # sqrt(fl(m * m)) == m exactly in binary floating point, so pairs beyond the margin
+            # come out at exactly m
+            out.clamp_(0.0, float(torch.tensor(clamp_to, dtype=self.acc) ** 2))
+        if self.distance == "euclidean":
             out.sqrt_()
         return out
 
@@ -304,9 +322,7 @@ def _finish_grads(dx: Tensor, dy: Tensor, dy_rowsum: Tensor, t: _Tiles, x: Tenso
         dy.add_(dy_rowsum[:, None] * t.y)
     if perm is not None:  # back from label order to the candidates' own order
         dy = torch.empty_like(dy).index_copy_(0, perm, dy)
-    gx = empty(*x.shape, dtype=x.dtype, device=x.device)
-    gy = empty(*y.shape, dtype=y.dtype, device=y.device)
-    return gx.copy_(dx), gy.copy_(dy)
+    return dx, dy
 
 
 class BlockwiseDistances:
@@ -317,42 +333,43 @@ class BlockwiseDistances:
 
     # ---------------------------------------------------------------- hard mining
     def mine_hard(self, x, y, *, distance, self_offset, row_labels, col_labels, farthest_negative):
-        t = _Tiles(x, y, distance)
+        # Candidates in label order: a class is a contiguous range, so the positives are a
+        # (rows, K) gather and the negatives the row minus a (rows, K) scatter -- one full
+        # pass over each block besides its GEMM.
         n, m = x.shape[0], y.shape[0]
-        n_pos, n_neg = label_counts(row_labels, col_labels, self_offset)
+        cr = class_ranges(row_labels, col_labels, self_offset)
+        slots, _, positive = class_slots(cr, max_class_count(cr))
+        t = _Tiles(x, y, distance, mining=True, perm=cr.perm)
         rows = block_rows_for(n, m)
-        dist = torch.empty(rows, m, dtype=t.acc, device=x.device)
-        pick = torch.empty(rows, m, dtype=t.acc, device=x.device)
-        same = torch.empty(rows, m, dtype=torch.bool, device=x.device)
-        pos_idx = torch.empty(n, dtype=torch.int64, device=x.device)
-        neg_idx = torch.empty(n, dtype=torch.int64, device=x.device)
-        lowest = torch.tensor(-math.inf, dtype=t.acc, device=x.device)  # where(..., out=) wants tensors
-        highest = torch.tensor(math.inf, dtype=t.acc, device=x.device)
+        buf = torch.empty(rows, m, dtype=t.acc, device=x.device)
+        pos_at = torch.empty(n, dtype=torch.int64, device=x.device)
+        neg_at = torch.empty(n, dtype=torch.int64, device=x.device)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            r = stop - start
-            d = t.block(start, stop, dist[:r], mining=True)
-            eq = torch.eq(row_labels[start:stop, None], col_labels[None, :], out=same[:r])
-            p = torch.where(eq, d, lowest, out=pick[:r])
-            _fill_self(p, start, self_offset, -math.inf)
-            pos_idx[start:stop] = p.max(dim=1).indices  # first maximum; NaN wins
+            key = t.block(start, stop, buf[: stop - start])
+            pos = slots[start:stop]
+            # farthest positive: the first maximum in slot (= index) order; NaN wins
+            best = torch.where(positive[start:stop], key.gather(1, pos), -math.inf).max(dim=1).indices
+            pos_at[start:stop] = pos.gather(1, best[:, None])[:, 0]
             if farthest_negative:
-                neg_idx[start:stop] = torch.where(eq, lowest, d, out=pick[:r]).max(dim=1).indices
+                _fill_class(key, pos, cr.count[start:stop], -math.inf)
+                neg_at[start:stop] = key.max(dim=1).indices
             else:
-                neg_idx[start:stop] = torch.where(eq, highest, d, out=pick[:r]).min(dim=1).indices
-        return HardPairs(
-            _out(torch.where(n_pos > 0, pos_idx, -1), pos_idx),
-            _out(torch.where(n_neg > 0, neg_idx, -1), neg_idx),
-        )
+                _fill_class(key, pos, cr.count[start:stop], math.inf)
+                neg_at[start:stop] = key.min(dim=1).indices
+        n_pos = positive.sum(dim=1)
+        n_neg = m - cr.count
+        pos_idx = torch.where(n_pos > 0, cr.perm[pos_at], -1)
+        neg_idx = torch.where(n_neg > 0, cr.perm[neg_at], -1)
+        return HardPairs(_out(pos_idx, pos_idx), _out(neg_idx, neg_idx))
 
     # ---------------------------------------------------------------- semi-hard mining
     def mine_semi_hard(self, x, y, *, distance, self_offset, row_labels, col_labels):
-        t = _Tiles(x, y, distance)
         n, m = x.shape[0], y.shape[0]
         cr = class_ranges(row_labels, col_labels, self_offset)
         k = max_class_count(cr)
         slots, in_class, positive = class_slots(cr, k)
-        t.permute_candidates(cr.perm)  # columns in label order: a class is a contiguous range
+        t = _Tiles(x, y, distance, perm=cr.perm)  # label order: a class is a contiguous range
         _, n_neg = label_counts(row_labels, col_labels, self_offset)
         rows = block_rows_for(n, m, WORKSPACE_ELEMENTS // 2)
         dist = torch.empty(rows, m, dtype=t.acc, device=x.device)
@@ -361,7 +378,7 @@ class BlockwiseDistances:
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             r = stop - start
-            d = t.block(start, stop, dist[:r], mining=False)
+            d = t.block(start, stop, dist[:r])
             pos = slots[start:stop]
             s = torch.where(positive[start:stop], d.gather(1, pos), math.inf)  # (r, k) d_ip
             s_sorted, order = torch.sort(s, dim=1)
@@ -399,12 +416,11 @@ class BlockwiseDistances:
     # ---------------------------------------------------------------- batch-all
     def _batch_all_blocks(self, x, y, distance, margin, self_offset, row_labels, col_labels, grad):
         """Forward (grad None): (loss_sum, active_count). Backward: (dx, dy)."""
-        t = _Tiles(x, y, distance)
         n, m = x.shape[0], y.shape[0]
         cr = class_ranges(row_labels, col_labels, self_offset)
         k = max_class_count(cr)
         slots, _, positive = class_slots(cr, k)
-        t.permute_candidates(cr.perm)
+        t = _Tiles(x, y, distance, perm=cr.perm)
         rows = block_rows_for(n, m, WORKSPACE_ELEMENTS // 4)
         dist = torch.empty(rows, m, dtype=t.acc, device=x.device)
         if grad is None:
@@ -419,7 +435,7 @@ class BlockwiseDistances:
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             r = stop - start
-            d = t.block(start, stop, dist[:r], mining=False)
+            d = t.block(start, stop, dist[:r])
             pos = slots[start:stop]
             is_pos = positive[start:stop]
             s = torch.where(is_pos, d.gather(1, pos), math.inf)
@@ -466,33 +482,51 @@ class BlockwiseDistances:
 
     # ---------------------------------------------------------------- DrLIM
     def _drlim_blocks(self, x, y, margin, row_labels, col_labels, grad):
-        t = _Tiles(x, y, "euclidean")
+        """Candidates in label order; per block (c = min(d, margin), exactly margin beyond it):
+        forward  h = margin - c (0 for the anchor's class: a (rows, K) scatter),
+                 dissimilar_i = |h_i|^2 / 2                  (4 passes besides the GEMM);
+        backward C = h / c (0 at c = 0: torch's norm gradient at 0), then with one GEMM each
+                 [C y, rowsum C] = C [y, 1] and [sum_i g_i C_ij x_i, sum_i g_i C_ij] = C^T [g x, g]:
+                 dx_i = -g_i (rowsum(C)_i x_i - (C y)_i),  dy_j = (C^T g x)_j - (C^T g)_j y_j."""
         n, m = x.shape[0], y.shape[0]
+        acc = acc_dtype(x)
+        if margin == 0:  # relu(0 - d) = 0: nothing to compute
+            if grad is None:
+                return _out(torch.zeros(n, dtype=acc, device=x.device), torch.zeros(0, dtype=acc))
+            return torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=y.device)
+        cr = class_ranges(row_labels, col_labels, None)
+        slots, _, _ = class_slots(cr, max_class_count(cr))
+        t = _Tiles(x, y, "euclidean", perm=cr.perm)
         rows = block_rows_for(n, m)
-        dist = torch.empty(rows, m, dtype=t.acc, device=x.device)
-        hinge = torch.empty(rows, m, dtype=t.acc, device=x.device)
-        same = torch.empty(rows, m, dtype=torch.bool, device=x.device)
+        dist = torch.empty(rows, m, dtype=acc, device=x.device)
+        hinge = torch.empty(rows, m, dtype=acc, device=x.device)
+        margin_t = torch.tensor(margin, dtype=acc, device=x.device)
         if grad is None:
-            out = empty(n, dtype=t.acc, device=x.device)
+            out = empty(n, dtype=acc, device=x.device)
         else:
-            g_all = grad.to(t.acc)
-            dx = torch.empty(n, x.shape[1], dtype=t.acc, device=x.device)
-            dy = torch.zeros(m, x.shape[1], dtype=t.acc, device=x.device)
-            dy_rowsum = torch.zeros(m, dtype=t.acc, device=x.device)
+            g_all = grad.to(acc)
+            y1 = torch.cat([t.y, torch.ones(m, 1, dtype=acc, device=x.device)], dim=1)
+            gx = torch.cat([g_all[:, None] * t.x, g_all[:, None]], dim=1)
+            dx = torch.empty(n, x.shape[1], dtype=acc, device=x.device)
+            dy_aug = torch.zeros(m, x.shape[1] + 1, dtype=acc, device=x.device)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             r = stop - start
-            d = t.block(start, stop, dist[:r], mining=False)
-            h = torch.neg(d, out=hinge[:r]).add_(margin).clamp_min_(0.0)  # relu(m - d)
-            h.masked_fill_(torch.eq(row_labels[start:stop, None], col_labels[None, :], out=same[:r]), 0.0)
+            c = t.block(start, stop, dist[:r], clamp_to=margin)
+            h = torch.sub(margin_t, c, out=hinge[:r])  # relu(margin - d), exactly 0 beyond the margin
+            _fill_class(h, slots[start:stop], cr.count[start:stop], 0.0)
             if grad is None:
-                out[start:stop] = h.square_().sum(dim=1).mul_(0.5)
+                out[start:stop] = torch.linalg.vector_norm(h, dim=1).square_().mul_(0.5)
                 continue
-            coef = h.mul_(-g_all[start:stop, None])  # dL/dd = -g relu(m - d)
-            _chain_block(coef, d, t.x[start:stop], t.y, "euclidean", dx[start:stop], dy, dy_rowsum)
+            coef = h.div_(c).nan_to_num_(nan=math.nan, posinf=0.0)  # C = h / d, 0 at d = 0
+            cy = coef @ y1
+            dx[start:stop] = (cy[:, -1:] * t.x[start:stop] - cy[:, :-1]).mul_(-g_all[start:stop, None])
+            dy_aug.addmm_(coef.T, gx[start:stop])
         if grad is None:
             return out
-        return _finish_grads(dx, dy, dy_rowsum, t, x, y, None)
+        dy_sorted = dy_aug[:, :-1] - dy_aug[:, -1:] * t.y
+        dy = torch.empty_like(dy_sorted).index_copy_(0, cr.perm, dy_sorted)
+        return dx, dy
 
     def drlim_forward(self, x, y, *, margin, row_labels, col_labels):
         return self._drlim_blocks(x, y, margin, row_labels, col_labels, None)
@@ -511,9 +545,9 @@ class DenseDistances:
     name = "dense"
 
     @staticmethod
-    def _dist(x: Tensor, y: Tensor, distance: str, *, mining: bool) -> Tensor:
-        t = _Tiles(x, y, distance)
-        return t.block(0, x.shape[0], torch.empty(x.shape[0], y.shape[0], dtype=t.acc, device=x.device), mining=mining)
+    def _dist(x: Tensor, y: Tensor, distance: str, *, mining: bool, perm: Tensor | None = None) -> Tensor:
+        t = _Tiles(x, y, distance, mining=mining, perm=perm)
+        return t.block(0, x.shape[0], torch.empty(x.shape[0], y.shape[0], dtype=t.acc, device=x.device))
 
     @staticmethod
     def _masks(row_labels, col_labels, self_offset, n, m):
@@ -526,16 +560,19 @@ class DenseDistances:
         return same & ~own, ~same
 
     def mine_hard(self, x, y, *, distance, self_offset, row_labels, col_labels, farthest_negative):
-        d = self._dist(x, y, distance, mining=True)
-        pos, neg = self._masks(row_labels, col_labels, self_offset, *d.shape)
-        p = torch.where(pos, d, -math.inf).max(dim=1).indices
+        # candidates in (label, index) order: the tie rule of every backend
+        perm = torch.sort(col_labels, stable=True).indices
+        key = self._dist(x, y, distance, mining=True, perm=perm)
+        pos, neg = self._masks(row_labels, col_labels, self_offset, *key.shape)
+        pos, neg = pos[:, perm], neg[:, perm]
+        p = torch.where(pos, key, -math.inf).max(dim=1).indices
         if farthest_negative:
-            q = torch.where(neg, d, -math.inf).max(dim=1).indices
+            q = torch.where(neg, key, -math.inf).max(dim=1).indices
         else:
-            q = torch.where(neg, d, math.inf).min(dim=1).indices
-        return HardPairs(
-            _out(torch.where(pos.any(dim=1), p, -1), p), _out(torch.where(neg.any(dim=1), q, -1), q)
-        )
+            q = torch.where(neg, key, math.inf).min(dim=1).indices
+        p = torch.where(pos.any(dim=1), perm[p], -1)
+        q = torch.where(neg.any(dim=1), perm[q], -1)
+        return HardPairs(_out(p, p), _out(q, q))
 
     def mine_semi_hard(self, x, y, *, distance, self_offset, row_labels, col_labels):
         d = self._dist(x, y, distance, mining=False)
@@ -595,7 +632,7 @@ class DenseDistances:
         g = torch.cat(g_rows)
         g = torch.where(nan_rows[:, None], math.nan, g)
         dx, dy = self._chain(g, d, t.x, t.y, distance)
-        return _out(dx, x), _out(dy, y)
+        return dx, dy
 
     def batch_all_forward(self, x, y, *, distance, margin, self_offset, row_labels, col_labels):
         return self._batch_all(x, y, distance, margin, self_offset, row_labels, col_labels, None)
@@ -617,7 +654,7 @@ class DenseDistances:
         d, h = self._drlim(x, y, margin, row_labels, col_labels)
         t = _Tiles(x, y, "euclidean")
         dx, dy = self._chain(-grad.to(d.dtype)[:, None] * h, d, t.x, t.y, "euclidean")
-        return _out(dx, x), _out(dy, y)
+        return dx, dy
 
 
 BLOCKWISE = BlockwiseDistances()

@@ -15,9 +15,6 @@ averaging gives its gradients; "none" returns this rank's own per-item terms, un
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 from torch import Tensor, nn
 
@@ -29,30 +26,17 @@ from .distances import DISTANCES
 DEFAULT_TRIPLET_MARGIN = 0.2
 
 
-def _margin(value: object, *, name: str = "margin") -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"{name} must be finite and >= 0, got {v}")
-    return v
-
-
-def _labels(labels: object, embeddings: Tensor) -> Tensor:
-    check.labels(labels, embeddings.shape[0])
-    assert isinstance(labels, Tensor)
-    if labels.device != embeddings.device and labels.device.type != "meta":
-        raise ValueError(
-            f"labels is on device {labels.device} but embeddings is on {embeddings.device}; expected the same device"
-        )
-    return labels.to(torch.int64)
+def _margin(value: object) -> float:
+    return check.non_negative("margin", value, what="the margin of the hinge")
 
 
 def _check_batch(labels_all: Tensor, *, need_positive: bool, need_negative: bool) -> None:
     """The global batch must hold a positive pair and two classes (for the mining losses).
 
-    Reads label values: one host synchronisation per call, skipped under torch.compile."""
-    if torch.compiler.is_compiling():
+    Reads label values, so it runs only where that needs no device synchronisation (CPU
+    tensors, not while tracing), as :mod:`csrc_triton._validate` does. Elsewhere such a batch
+    gives a loss of 0 (no term is counted)."""
+    if labels_all.device.type != "cpu" or torch.compiler.is_compiling():
         return
     sorted_labels = torch.sort(labels_all).values
     distinct = int((sorted_labels[1:] != sorted_labels[:-1]).sum()) + 1
@@ -71,7 +55,7 @@ def _check_batch(labels_all: Tensor, *, need_positive: bool, need_negative: bool
 def _common(embeddings: object, labels: object, reduction: object, backend: object, process_group: object | None):
     check.features("embeddings", embeddings)
     assert isinstance(embeddings, Tensor)
-    labels = _labels(labels, embeddings)
+    labels = check.labels(labels, embeddings.shape[0], embeddings.device).to(torch.int64)
     check.reduction(reduction)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")

@@ -35,9 +35,12 @@ tiles):
 
 Work: hard mining and DrLIM forward 2 N M D flops; each backward pass 2 N M D (recompute) +
 2 N M D (C y or C^T x) per output-D chunk. Precision: fp32 inputs use ``input_precision="ieee"``
-(no TF32); bf16/fp16 tiles run on the tensor cores with fp32 accumulation, and C is rounded to
-the input dtype for the backward product (as PyTorch's own backward rounds). Under Triton's
-interpreter every tile is widened to fp32 first (its tl.dot on bf16 storage is wrong).
+(no TF32); bf16/fp16 distance tiles run on the tensor cores with fp32 accumulation (the
+products of 16-bit values are exact in fp32). The backward products C y and C^T x keep C in
+fp32 and widen the 16-bit rows (``ieee``): slower than a 16-bit product, but the gradients are
+then as accurate as the fp32 path (a C rounded to bf16 was measurably worse than PyTorch's own
+bf16 backward). Under Triton's interpreter every tile is widened to fp32 first (its tl.dot on
+bf16 storage is wrong).
 """
 from __future__ import annotations
 
@@ -80,7 +83,7 @@ def _distance_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """d_ij for one (BLOCK_M x BLOCK_N) tile. DISTANCE 0 euclidean, 1 squared, 2 cosine;
-    MINING: the comparison key (sq for euclidean)."""
+    MINING: the comparison key instead, |y|^2 - 2 x.y (-x.y for cosine), as the CPU backends."""
     offs_d = tl.arange(0, BLOCK_D)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xn
     y_cols = y_ptr + offs_n.to(tl.int64)[None, :] * stride_yn
@@ -93,13 +96,16 @@ def _distance_tile(
             xt = xt.to(tl.float32)
             yt = yt.to(tl.float32)
         dot = tl.dot(xt, yt, dot, input_precision=DOT_PRECISION)
+    if MINING:
+        if DISTANCE == 2:
+            return -dot
+        return y_sq[None, :] - 2.0 * dot
     if DISTANCE == 2:
         return 1.0 - dot
     sq = x_sq[:, None] + y_sq[None, :] - 2.0 * dot
     sq = tl.where(sq < 0.0, 0.0, sq)  # clamp at 0; a NaN stays NaN
     if DISTANCE == 0:
-        if not MINING:
-            sq = tl.sqrt(sq)
+        sq = tl.sqrt(sq)
     return sq
 
 
@@ -127,9 +133,9 @@ def _search(table_ptr, row_base, count, value, STRICT: tl.constexpr, STEPS: tl.c
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _mine_hard_kernel(
-    x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, row_labels_ptr, col_labels_ptr, pos_out_ptr, neg_out_ptr,
-    N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset,
-    HAS_SELF: tl.constexpr, FARTHEST_NEGATIVE: tl.constexpr, DISTANCE: tl.constexpr,
+    x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, row_labels_ptr, col_labels_ptr, self_col_ptr, pos_out_ptr, neg_out_ptr,
+    N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
+    FARTHEST_NEGATIVE: tl.constexpr, DISTANCE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -137,6 +143,7 @@ def _mine_hard_kernel(
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     row_labels = tl.load(row_labels_ptr + offs_m, mask=row_ok, other=0)
+    self_col = tl.load(self_col_ptr + offs_m, mask=row_ok, other=-1)  # -1: no self pair
     x_sq = tl.load(x_sq_ptr + offs_m, mask=row_ok, other=0.0)
     none = M  # "no index" sentinel, larger than every column
     pos_val = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -158,9 +165,7 @@ def _mine_hard_kernel(
                              DISTANCE, True, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         same = row_labels[:, None] == col_labels[None, :]
         valid = row_ok[:, None] & col_ok[None, :]
-        is_pos = valid & same
-        if HAS_SELF:
-            is_pos = is_pos & (offs_n[None, :] != offs_m[:, None] + self_offset)
+        is_pos = valid & same & (offs_n[None, :] != self_col[:, None])
         is_neg = valid & (same == 0)
         is_nan = key != key
         cols = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
@@ -267,14 +272,13 @@ def _pair_backward_kernel(
     sum_ptr,  # (owned rows,) fp32: rowsum(C) or colsum(C)
     N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, margin, KP,
     COLUMN_OWNED: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr, DISTANCE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_C: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_do = tl.program_id(1)
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
-    in_dtype = x_ptr.dtype.element_ty
     if COLUMN_OWNED:
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
@@ -318,24 +322,16 @@ def _pair_backward_kernel(
         elif DISTANCE == 1:
             coef = 2.0 * coef
         coef = tl.where(is_neg, coef, 0.0)
-        if ROUND_C:
-            coef = coef.to(in_dtype)
-            if UPCAST:
-                coef = coef.to(tl.float32)
         if COLUMN_OWNED:
             total += tl.sum(coef.to(tl.float32), axis=0)
             xo = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xn + offs_do[None, :] * stride_xd,
                          mask=row_ok[:, None] & do_ok[None, :], other=0.0)
-            if UPCAST:
-                xo = xo.to(tl.float32)
-            prod = tl.dot(tl.trans(coef), xo, prod, input_precision=DOT_PRECISION)
+            prod = tl.dot(tl.trans(coef), xo.to(tl.float32), prod, input_precision="ieee")
         else:
             total += tl.sum(coef.to(tl.float32), axis=1)
             yo = tl.load(y_ptr + offs_n.to(tl.int64)[:, None] * stride_yn + offs_do[None, :] * stride_yd,
                          mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-            if UPCAST:
-                yo = yo.to(tl.float32)
-            prod = tl.dot(coef, yo, prod, input_precision=DOT_PRECISION)
+            prod = tl.dot(coef, yo.to(tl.float32), prod, input_precision="ieee")
             if MODE == 1:
                 if pid_do == 0:
                     # histogram of the search positions: #{n : t_n < s_(q)} = #{n : where_n <= q}
@@ -426,7 +422,6 @@ class _Launch:
         self.dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
         if x.dtype != torch.float32 and interp:
             self.dot_precision = "ieee"
-        self.round_c = x.dtype != torch.float32
         if distance == "cosine":  # unused by the kernels, but pointers are needed
             self.x_sq = torch.zeros(1, dtype=torch.float32, device=x.device)
             self.y_sq = self.x_sq
@@ -488,18 +483,24 @@ class TritonDistances:
     name = "triton"
 
     def mine_hard(self, x, y, *, distance, self_offset, row_labels, col_labels, farthest_negative):
-        lau = _Launch(x, y, distance)
-        pos = empty(lau.n, dtype=torch.int64, device=x.device)
-        neg = empty(lau.n, dtype=torch.int64, device=x.device)
+        # candidates in (label, index) order, the tie rule shared with the CPU backends
+        cr = class_ranges(row_labels, col_labels, self_offset)
+        lau = _Launch(x, y[cr.perm], distance)
+        pos = torch.empty(lau.n, dtype=torch.int64, device=x.device)
+        neg = torch.empty(lau.n, dtype=torch.int64, device=x.device)
         grid = (triton.cdiv(lau.n, lau.block_m),)
         _mine_hard_kernel[grid](
-            lau.x, lau.y, lau.x_sq, lau.y_sq, row_labels, col_labels, pos, neg,
-            *lau.common(), 0 if self_offset is None else int(self_offset),
-            HAS_SELF=self_offset is not None, FARTHEST_NEGATIVE=bool(farthest_negative), DISTANCE=lau.distance,
+            lau.x, lau.y, lau.x_sq, lau.y_sq, row_labels, col_labels[cr.perm].contiguous(), cr.self_sorted, pos, neg,
+            *lau.common(),
+            FARTHEST_NEGATIVE=bool(farthest_negative), DISTANCE=lau.distance,
             UPCAST=lau.upcast, DOT_PRECISION=lau.dot_precision,
             BLOCK_M=lau.block_m, BLOCK_N=lau.block_n, BLOCK_D=lau.block_d,
         )
-        return HardPairs(pos, neg)
+        pos_out = empty(lau.n, dtype=torch.int64, device=x.device)
+        neg_out = empty(lau.n, dtype=torch.int64, device=x.device)
+        pos_out.copy_(torch.where(pos >= 0, cr.perm[pos.clamp(min=0)], -1))
+        neg_out.copy_(torch.where(neg >= 0, cr.perm[neg.clamp(min=0)], -1))
+        return HardPairs(pos_out, neg_out)
 
     def mine_semi_hard(self, x, y, *, distance, self_offset, row_labels, col_labels):
         lau = _Launch(x, y, distance)
@@ -563,7 +564,7 @@ class TritonDistances:
                 prod, total,
                 *lau.common(), float(margin), p.kp if p else 0,
                 COLUMN_OWNED=column_owned, MODE=mode, STEPS=_steps(p.kp) if p else 1, DISTANCE=lau.distance,
-                UPCAST=lau.upcast, DOT_PRECISION=lau.dot_precision, ROUND_C=lau.round_c,
+                UPCAST=lau.upcast, DOT_PRECISION=lau.dot_precision,
                 BLOCK_M=lau.block_m, BLOCK_N=lau.block_n, BLOCK_D=lau.block_d, BLOCK_DO=lau.block_do,
             )
         xa, ya = lau.x.float(), lau.y.float()
@@ -574,9 +575,7 @@ class TritonDistances:
             dy = colsum[:, None] * ya - ctx
         if p is not None:
             self._positive_grads(lau, p, g, hist, xa, ya, dx, dy)
-        gx = empty(*lau.x.shape, dtype=lau.x.dtype, device=dev)
-        gy = empty(*lau.y.shape, dtype=lau.y.dtype, device=dev)
-        return gx.copy_(dx), gy.copy_(dy)
+        return dx, dy  # float32; the op layer casts
 
     @staticmethod
     def _positive_grads(lau, p, g, hist, xa, ya, dx, dy):
