@@ -30,8 +30,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default is None:
-            return text
+        if "default" in text or action.default is None or action.nargs == 0:
+            return text  # a switch (nargs 0) needs no "(default: False)"
         return super()._get_help_string(action)
 
 
