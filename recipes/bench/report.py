@@ -175,6 +175,7 @@ def format_results(cfg: BenchConfig, env: dict, result: dict, checked: bool) -> 
         scale = case.resolve_scale(cfg.scale)
         lines += ["", f"{loss}: {case.summary}"
                   + (f"; scale ({case.scale_meaning}) {scale:.4g}" if scale is not None else "")
+                  + (f"; K = {cfg.per_class} per class" if case.labelled else "")
                   + f"; FLOPs counted as {case.flop_formula}, M = N"]
         mine = [r for r in records if r["loss"] == loss]
         dense = {r["n"]: r for r in mine if r["backend"] == "dense"}
