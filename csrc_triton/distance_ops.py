@@ -378,7 +378,10 @@ def drlim_impl(
     process_group: object | None = None,
 ) -> Tensor:
     acc = acc_dtype(embeddings)
-    x, y, col_labels, _, size = _global_batch(embeddings, labels, "euclidean", process_group)
+    # Both halves send gradients to the rows: they must meet in float32 (one rounding of a
+    # 16-bit gradient, not two), so the rows go to the accumulation dtype first and the
+    # dissimilar op runs on them (float32 tiles for 16-bit inputs).
+    x, y, col_labels, _, size = _global_batch(embeddings.to(acc), labels, "euclidean", process_group)
     xa = x.to(acc)
     ya = xa if y is None else y.to(acc)
     m = ya.shape[0]

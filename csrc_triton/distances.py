@@ -514,11 +514,12 @@ class BlockwiseDistances:
             r = stop - start
             c = t.block(start, stop, dist[:r], clamp_to=margin)
             h = torch.sub(margin_t, c, out=hinge[:r])  # relu(margin - d), exactly 0 beyond the margin
-            _fill_class(h, slots[start:stop], cr.count[start:stop], 0.0)
             if grad is None:
+                _fill_class(h, slots[start:stop], cr.count[start:stop], 0.0)
                 out[start:stop] = torch.linalg.vector_norm(h, dim=1).square_().mul_(0.5)
                 continue
             coef = h.div_(c).nan_to_num_(nan=math.nan, posinf=0.0)  # C = h / d, 0 at d = 0
+            _fill_class(coef, slots[start:stop], cr.count[start:stop], 0.0)  # (the self pair's 0 / 0 too)
             cy = coef @ y1
             dx[start:stop] = (cy[:, -1:] * t.x[start:stop] - cy[:, :-1]).mul_(-g_all[start:stop, None])
             dy_aug.addmm_(coef.T, gx[start:stop])
