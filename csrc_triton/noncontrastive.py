@@ -20,8 +20,11 @@ computation. Nothing here synchronises with the host on CUDA (the one value chec
 
 Row norms ||v|| are computed as s ||v / s|| with s = max_j |v_j| (the identity holds for any
 s > 0), so squares neither overflow nor underflow in float32: a difference of 1e-30 still has a
-direction. Barlow Twins and VICReg form D x D matrices (O(N D^2) work, O(D^2) memory): that is
-inherent to their definitions, and independent of the batch size.
+direction (an infinite entry gives a NaN norm: inf / inf). Barlow Twins and VICReg form D x D
+matrices (O(N D^2) work, O(D^2) memory): that is inherent to their definitions, and independent
+of the batch size. Their float32 products follow PyTorch's float32 matmul setting (exact IEEE
+products unless ``torch.backends.cuda.matmul.allow_tf32`` or
+``torch.set_float32_matmul_precision`` allows TF32 on CUDA).
 """
 from __future__ import annotations
 
@@ -126,7 +129,7 @@ def _row_norm(v: Tensor) -> Tensor:
 
     s is detached: ||v|| = s ||v / s|| for every constant s > 0, so the gradient is v / ||v||
     without a term through s. At a zero row the value is 0 and ``vector_norm``'s gradient 0.
-    A NaN in the row makes s, hence the norm, NaN.
+    A NaN in the row makes s, hence the norm, NaN (an inf as well: inf / inf).
     """
     s = v.detach().abs().amax(dim=1, keepdim=True)
     s = torch.where(s == 0, torch.ones_like(s), s)
@@ -183,8 +186,8 @@ def barlow_twins(z1: Tensor, z2: Tensor, *, lambd: float = 0.0051) -> Tensor:
         C = a^T b / N                  (D, D) cross-correlation
         loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2
 
-    (The paper's Algorithm 1 standardises with the unbiased ``std`` and no epsilon; the official
-    repository's BatchNorm1d is what is implemented here.) Single process: with several ranks
+    (The paper's Algorithm 1 standardises with ``z.std(0)``, unbiased and without epsilon; the
+    official repository's BatchNorm1d is what is implemented here.) Single process: with several ranks
     the official code all-reduces C, which this function does not do. Work O(N D^2), memory
     O(D^2).
 
@@ -199,7 +202,7 @@ def barlow_twins(z1: Tensor, z2: Tensor, *, lambd: float = 0.0051) -> Tensor:
 
     Example:
         >>> z1, z2 = torch.randn(256, 128), torch.randn(256, 128)
-        >>> loss = barlow_twins(z1, z2)     # about D (1 + 1/N) + lambd D (D - 1) / N for independent views
+        >>> loss = barlow_twins(z1, z2)  # independent views: about D (1 + 1/N) + lambd D (D - 1) / N
     """
     check.pair("z1", z1, "z2", z2)
     lambd = _coefficient("lambd", lambd, what="weight of the off-diagonal redundancy term")
@@ -246,8 +249,8 @@ def simsiam(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, *, reduction: str = 
         float32 (float64 for float64 inputs). A NaN in row i makes loss_i NaN.
 
     Example:
-        >>> z1, z2 = torch.randn(64, 256), torch.randn(64, 256)
-        >>> p1, p2 = z1 + 0.1 * torch.randn(64, 256), z2 + 0.1 * torch.randn(64, 256)
+        >>> z1, z2 = torch.randn(64, 256), torch.randn(64, 256)        # projector outputs
+        >>> p1, p2 = torch.randn(64, 256), torch.randn(64, 256)        # predictor outputs
         >>> loss = simsiam(p1, p2, z1, z2)
     """
     _four_views(("p1", "p2", "z1", "z2"), p1, p2, z1, z2)
@@ -319,8 +322,8 @@ def vicreg(z1: Tensor, z2: Tensor, *, sim: float = 25.0, var: float = 25.0, cov:
         c(Z)       = (1 / D) sum_{i != j} Cov(Z)_ij^2,  Cov(Z) = (Z - mean)^T (Z - mean) / (N - 1)
         loss = sim * invariance + var * (v(z1) + v(z2)) / 2 + cov * (c(z1) + c(z2))
 
-    Differences from the paper's text, for the record: its eq. 6 adds v(Z) + v(Z') (no 1/2),
-    and so does its Algorithm 1 (``std_loss = mean(relu(1 - std_z_a)) + mean(relu(1 - std_z_b))``);
+    Differences from the paper, for the record: its eq. 6 adds v(Z) + v(Z') (no 1/2), and so
+    does its Algorithm 1 (``std_loss = mean(relu(1 - std_z_a)) + mean(relu(1 - std_z_b))``);
     the official training code halves it, as here (``vicreg(var=2 mu)`` equals the pseudo-code
     with ``mu``). Its eq. 5 writes the invariance as (1/N) sum_i ||z1_i - z2_i||^2 (D times the
     mean used here); Algorithm 1 and the code use ``mse_loss``, the mean over N D entries, as
@@ -406,7 +409,7 @@ def drlim_pairs(
 
 def alignment(x: Tensor, y: Tensor, *, alpha: float = 2.0, reduction: str = "mean") -> Tensor:
     r"""Alignment loss (Wang and Isola 2020, "Understanding Contrastive Representation Learning
-    through Alignment and Uniformity on the Hypersphere", eq. 4):
+    through Alignment and Uniformity on the Hypersphere", the alignment loss L_align):
 
         loss_i = || x_i - y_i ||^alpha,     reduced by mean (the paper's expectation), sum or none
 
