@@ -1,10 +1,16 @@
-"""Fused, tiled contrastive losses that never store the N x M logits.
+"""Fused, tiled contrastive and metric-learning losses that never store the N x N matrix.
 
-Public API: the losses of the log-sum-exp engine (:func:`info_nce`, :func:`clip_loss`,
-:func:`nt_xent`, :func:`supcon`, :func:`nca`, :func:`n_pair`, :func:`uniformity`) and their
-``nn.Module`` forms; the same losses as ``torch.ops.contrastive.*``. Backends: ``"triton"``
-(CUDA, or CPU through Triton's interpreter with ``TRITON_INTERPRET=1``), ``"blockwise"`` (plain
-PyTorch, O(N x block) memory, the CPU default) and ``"dense"`` (the reference).
+Public API:
+* the losses of the log-sum-exp engine: :func:`info_nce` (and MoCo queues), :func:`clip_loss`,
+  :func:`nt_xent`, :func:`supcon`, :func:`nca`, :func:`n_pair`, :func:`uniformity`;
+* the distance-based ones: :func:`triplet_margin` (batch-hard, batch-all, semi-hard mining) and
+  :func:`drlim`;
+* O(N D) losses in plain PyTorch: :func:`barlow_twins`, :func:`simsiam`, :func:`byol`,
+  :func:`vicreg`, :func:`drlim_pairs`, :func:`alignment`;
+each with an ``nn.Module`` form; the tiled ones are also ops, ``torch.ops.contrastive.*``.
+Backends of the tiled losses: ``"triton"`` (CUDA, or CPU through Triton's interpreter with
+``TRITON_INTERPRET=1``), ``"blockwise"`` (plain PyTorch, bounded workspace, the CPU default) and
+``"dense"`` (the reference).
 """
 from . import ops  # noqa: F401  (registers torch.ops.contrastive.lse)
 from .losses import (
@@ -23,22 +29,53 @@ from .losses import (
     supcon,
     uniformity,
 )
+from .noncontrastive import (
+    AlignmentLoss,
+    BarlowTwinsLoss,
+    BYOLLoss,
+    DrLIMPairsLoss,
+    SimSiamLoss,
+    VICRegLoss,
+    alignment,
+    barlow_twins,
+    byol,
+    drlim_pairs,
+    simsiam,
+    vicreg,
+)
 from .ops import BACKENDS
+from .triplet import DrLIMLoss, TripletMarginLoss, drlim, triplet_margin
 
 __all__ = [
+    "AlignmentLoss",
     "BACKENDS",
+    "BYOLLoss",
+    "BarlowTwinsLoss",
     "ClipLoss",
+    "DrLIMLoss",
+    "DrLIMPairsLoss",
     "InfoNCELoss",
     "NCALoss",
     "NPairLoss",
     "NTXentLoss",
+    "SimSiamLoss",
     "SupConLoss",
+    "TripletMarginLoss",
     "UniformityLoss",
+    "VICRegLoss",
+    "alignment",
+    "barlow_twins",
+    "byol",
     "clip_loss",
+    "drlim",
+    "drlim_pairs",
     "info_nce",
     "n_pair",
     "nca",
     "nt_xent",
+    "simsiam",
     "supcon",
+    "triplet_margin",
     "uniformity",
+    "vicreg",
 ]
