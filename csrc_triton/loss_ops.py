@@ -10,10 +10,11 @@ Distributed convention (see :mod:`csrc_triton.distributed`): rank r returns R ti
 rows' share of the global loss, so the mean over ranks is the loss of the concatenated batch
 and DDP's averaged gradients are that loss's gradients.
 
-Work per call, N local rows, M = R N keys, D features (2 flops per multiply-add):
-    info_nce / n_pair / nt_xent / supcon / nca / uniformity:  2NMD forward + 4NMD backward
-    clip_loss, info_nce(symmetric=True):                      2NMD forward + 6NMD backward
-    (dK's GEMM is skipped when the keys need no gradient, e.g. a frozen MoCo queue: 4NMD)
+Work per call, N local rows, M = R N keys, D features (2 flops per multiply-add): the forward
+is one pass over the tiles (2NMD: every log-sum-exp and positive term of the call at once); the
+backward recomputes the tiles (2NMD) and forms dQ = s G K (2NMD) and dK = s G^T Q (2NMD):
+    every loss here with keys that need a gradient:  8NMD in all (2NMD forward, 6NMD backward)
+    keys without gradient (a frozen MoCo queue):     6NMD (dK's GEMM and buffer are skipped)
 """
 from __future__ import annotations
 
