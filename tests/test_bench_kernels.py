@@ -98,6 +98,13 @@ def test_argparse_choice_errors_name_the_flag(capsys):
     assert "--compare" in capsys.readouterr().err
 
 
+def test_compare_without_pml_installed_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_metric_learning", None)  # import raises
+    with pytest.raises(SystemExit) as info:
+        cli.config_from_args(["--compare", "pml", "--device", "cpu"])
+    assert "--compare='pml'" in str(info.value) and "pip install" in str(info.value)
+
+
 def test_defaults_and_loss_lists():
     cfg, measure = cli.config_from_args(["--device", "cpu"])
     assert measure and cfg.losses == ("clip",) and cfg.backends == ("blockwise", "dense")
