@@ -444,9 +444,11 @@ def plot(cfg: BenchConfig, env: dict, records: list[dict], path: Path) -> None:
         ax_t.set_ylabel("forward+backward time (s), median, p20-p80")
         ax_m.set_ylabel("GB (" + ("max_memory_allocated" if cfg.on_cuda else "peak RSS") + ")")
         ax_m.axhline(cfg.mem_budget_gb, color="grey", linestyle=":", linewidth=1)
-        ax_t.set_title(loss, fontsize=9)
+        ax_t.set_title(f"{loss}: time", fontsize=9)
+        ax_m.set_title(f"{loss}: memory", fontsize=9)
     fig.suptitle(f"D={cfg.dim}, {cfg.dtype}, {env['device_name']}", fontsize=9)
-    fig.tight_layout()
+    # leave a strip of 0.4 inch at the top for the suptitle
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -481,6 +483,6 @@ def plot_comparison(cfg: BenchConfig, env: dict, records: list[dict], path: Path
     ax_m.set_ylabel("GB (" + ("max_memory_allocated" if cfg.on_cuda else "peak RSS") + ")")
     fig.suptitle(f"ours vs {cfg.compare}, D={cfg.dim}, {cfg.dtype}, {env['device_name']}",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
