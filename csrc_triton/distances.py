@@ -20,12 +20,17 @@ Distances, from the tile GEMM (never an N x M matrix outside ``dense``):
     sq_ij = max(|x_i|^2 + |y_j|^2 - 2 x_i . y_j, 0)
     "euclidean": d = sqrt(sq)     "squared": d = sq     "cosine": d = 1 - x_i . y_j
 
-For "cosine" the caller passes L2-normalised rows (an O(N D) step under autograd). Mining
-compares sq (euclidean, squared: the same order as d) or 1 - x.y (cosine).
+For "cosine" the caller passes L2-normalised rows (an O(N D) step under autograd).
 
 Mining rules (one rule for every backend)
 -----------------------------------------
-* ties: the smallest candidate index wins (torch.max / torch.min's first-occurrence rule);
+* key: hard mining compares |y_j|^2 - 2 x_i . y_j (sq less the anchor's own |x_i|^2, which
+  does not change the order; -x_i . y_j for cosine); semi-hard compares the distances;
+* ties, hard mining: candidates are visited in (label, index) order (a stable sort of the
+  labels, so that a class is a contiguous range and the class masks are (rows, K) gathers and
+  scatters, K the largest class) and the first in that order wins: among positives (one
+  label) the smallest index, among negatives the smallest label, then the smallest index;
+* ties, semi-hard: the smallest index;
 * NaN: a NaN distance wins every maximum and minimum (as torch.max/min propagate NaN), so NaN
   inputs give NaN losses through the chosen pairs;
 * an index of -1 means "none" (no positive, or no negative).
@@ -83,12 +88,16 @@ from ._numerics import acc_dtype
 
 DISTANCES = ("euclidean", "squared", "cosine")
 
-#: Elements of one (block_rows x M) float32 buffer of the blockwise backend. Mining keeps about
-#: five such buffers live (distances, mask, two selections, int64 indices), batch-all about
-#: eight, so the workspace stays near 100 to 250 MB whatever N is.
+#: Elements of one (block_rows x M) float32 buffer of the blockwise backend (16 MiB). Hard
+#: mining keeps one buffer of 4x this, DrLIM two plus a bool mask, semi-hard and batch-all
+#: (whose blocks hold int64 search results too) blocks of 1/2 and 1/4 of it, so the workspace
+#: stays near 64 MiB whatever N is.
 WORKSPACE_ELEMENTS = 1 << 22
 #: When set (an int), overrides the block height (tests use it to exercise many blocks).
 BLOCK_ROWS: int | None = None
+#: DrLIM's blockwise path lists the pairs within the margin when they are at most 1/this of a
+#: block (else it runs the dense block). Tests set it to force either path.
+SPARSE_FRACTION = 32
 
 
 class HardPairs(NamedTuple):
@@ -340,7 +349,9 @@ class BlockwiseDistances:
         cr = class_ranges(row_labels, col_labels, self_offset)
         slots, _, positive = class_slots(cr, max_class_count(cr))
         t = _Tiles(x, y, distance, mining=True, perm=cr.perm)
-        rows = block_rows_for(n, m)
+        # one (rows x M) buffer only: blocks 4x taller than the shared workspace (a taller GEMM
+        # runs 1.5x faster per row at M = 65536 on this CPU)
+        rows = block_rows_for(n, m, 4 * WORKSPACE_ELEMENTS)
         buf = torch.empty(rows, m, dtype=t.acc, device=x.device)
         pos_at = torch.empty(n, dtype=torch.int64, device=x.device)
         neg_at = torch.empty(n, dtype=torch.int64, device=x.device)
@@ -482,12 +493,19 @@ class BlockwiseDistances:
 
     # ---------------------------------------------------------------- DrLIM
     def _drlim_blocks(self, x, y, margin, row_labels, col_labels, grad):
-        """Candidates in label order; per block (c = min(d, margin), exactly margin beyond it):
-        forward  h = margin - c (0 for the anchor's class: a (rows, K) scatter),
-                 dissimilar_i = |h_i|^2 / 2                  (4 passes besides the GEMM);
-        backward C = h / c (0 at c = 0: torch's norm gradient at 0), then with one GEMM each
-                 [C y, rowsum C] = C [y, 1] and [sum_i g_i C_ij x_i, sum_i g_i C_ij] = C^T [g x, g]:
-                 dx_i = -g_i (rowsum(C)_i x_i - (C y)_i),  dy_j = (C^T g x)_j - (C^T g)_j y_j."""
+        """Candidates in label order. Per block, after the GEMM giving sq:
+
+        * the pairs within the margin (sq < margin^2, or NaN) are found with one compare and
+          one nonzero; when they are few (at most 1/:data:`SPARSE_FRACTION` of the block, the
+          usual case: pairs of different classes tend to lie beyond the margin) only they are
+          processed, as lists (forward: index_add of h^2 / 2; backward: index_add of C y and
+          C^T [g x, g]), so the block costs its GEMM and about two passes;
+        * otherwise, dense: c = min(d, margin) (exactly margin beyond it), h = margin - c (0 for
+          the anchor's class: a (rows, K) scatter), dissimilar_i = |h_i|^2 / 2; backward
+          C = h / c (0 at c = 0: torch's norm gradient at 0), and one GEMM each for
+          [C y, rowsum C] = C [y, 1] and [sum_i g_i C_ij x_i, sum_i g_i C_ij] = C^T [g x, g].
+
+        Then dx_i = -g_i (rowsum(C)_i x_i - (C y)_i) and dy_j = (C^T g x)_j - (C^T g)_j y_j."""
         n, m = x.shape[0], y.shape[0]
         acc = acc_dtype(x)
         if margin == 0:  # relu(0 - d) = 0: nothing to compute
@@ -497,10 +515,13 @@ class BlockwiseDistances:
         cr = class_ranges(row_labels, col_labels, None)
         slots, _, _ = class_slots(cr, max_class_count(cr))
         t = _Tiles(x, y, "euclidean", perm=cr.perm)
+        col_sorted = col_labels[cr.perm]
         rows = block_rows_for(n, m)
         dist = torch.empty(rows, m, dtype=acc, device=x.device)
         hinge = torch.empty(rows, m, dtype=acc, device=x.device)
+        near_buf = torch.empty(rows, m, dtype=torch.bool, device=x.device)
         margin_t = torch.tensor(margin, dtype=acc, device=x.device)
+        m2 = float(margin_t**2)  # sqrt(fl(m * m)) == m exactly: clamped pairs come out at m
         if grad is None:
             out = empty(n, dtype=acc, device=x.device)
         else:
@@ -512,17 +533,36 @@ class BlockwiseDistances:
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             r = stop - start
-            c = t.block(start, stop, dist[:r], clamp_to=margin)
-            h = torch.sub(margin_t, c, out=hinge[:r])  # relu(margin - d), exactly 0 beyond the margin
-            if grad is None:
-                _fill_class(h, slots[start:stop], cr.count[start:stop], 0.0)
-                out[start:stop] = torch.linalg.vector_norm(h, dim=1).square_().mul_(0.5)
-                continue
-            coef = h.div_(c).nan_to_num_(nan=math.nan, posinf=0.0)  # C = h / d, 0 at d = 0
-            _fill_class(coef, slots[start:stop], cr.count[start:stop], 0.0)  # (the self pair's 0 / 0 too)
-            cy = coef @ y1
+            sq = torch.mm(t.lhs[start:stop], t.rhs.T, out=dist[:r])
+            near = torch.ge(sq, m2, out=near_buf[:r]).logical_not_()  # d < margin, or NaN
+            pairs = near.nonzero()
+            if pairs.shape[0] <= r * m // SPARSE_FRACTION:
+                i, j = pairs[:, 0], pairs[:, 1]
+                other = row_labels[start:stop][i] != col_sorted[j]  # dissimilar pairs only
+                i, j = i[other], j[other]
+                d = sq[i, j].clamp_min_(0.0).sqrt_()
+                h = margin - d
+                if grad is None:
+                    out[start:stop] = torch.zeros(r, dtype=acc, device=x.device).index_add_(0, i, 0.5 * h * h)
+                    continue
+                coef = torch.where(d == 0, 0.0, h / d)  # C = h / d, 0 at d = 0; NaN stays
+                cy = torch.zeros(r, x.shape[1] + 1, dtype=acc, device=x.device)
+                for e0 in range(0, i.shape[0], 1 << 15):  # bounded (pairs x D) temporaries
+                    ie, je, ce = i[e0 : e0 + (1 << 15)], j[e0 : e0 + (1 << 15)], coef[e0 : e0 + (1 << 15), None]
+                    cy.index_add_(0, ie, ce * y1[je])
+                    dy_aug.index_add_(0, je, ce * gx[start:stop][ie])
+            else:
+                c = sq.clamp_(0.0, m2).sqrt_()
+                h = torch.sub(margin_t, c, out=hinge[:r])  # relu(margin - d), exactly 0 beyond the margin
+                if grad is None:
+                    _fill_class(h, slots[start:stop], cr.count[start:stop], 0.0)
+                    out[start:stop] = torch.linalg.vector_norm(h, dim=1).square_().mul_(0.5)
+                    continue
+                coef = h.div_(c).nan_to_num_(nan=math.nan, posinf=0.0)  # C = h / d, 0 at d = 0
+                _fill_class(coef, slots[start:stop], cr.count[start:stop], 0.0)  # (the self pair's 0 / 0 too)
+                cy = coef @ y1
+                dy_aug.addmm_(coef.T, gx[start:stop])
             dx[start:stop] = (cy[:, -1:] * t.x[start:stop] - cy[:, :-1]).mul_(-g_all[start:stop, None])
-            dy_aug.addmm_(coef.T, gx[start:stop])
         if grad is None:
             return out
         dy_sorted = dy_aug[:, :-1] - dy_aug[:, -1:] * t.y

@@ -100,8 +100,9 @@ def triplet_margin(
       pair, (P,), anchor-major with p in ascending index order. Costs O(P D) memory for the
       chosen pairs, P the number of positive pairs.
 
-    Mining is a tiled masked max/min (ties: the smallest index; NaN distances win, so NaN
-    inputs give a NaN loss); the loss and its gradient are then recomputed from the chosen rows'
+    Mining is a tiled masked max/min (ties: batch-hard takes the first candidate in (label,
+    index) order, semi-hard the smallest index; NaN distances win, so NaN inputs give a NaN
+    loss; :mod:`csrc_triton.distances` has the exact rules); the loss and its gradient are then recomputed from the chosen rows'
     differences under autograd, O(N D) (the gradient of ||a - b|| at a = b is 0, as torch's norm
     gives). Batch-all's forward and backward are tiled sweeps with a sort, a binary search and
     prefix sums per anchor.
@@ -169,8 +170,11 @@ def drlim(
     y_ij = 1 when labels i and j are equal. "mean" divides the sum by N (N - 1); "none": per
     anchor, summed over its pairs, (N,). The similar half is O(N D) from class means
     (sum_{j in c} |x_i - x_j|^2 = n_c |x_i - mu_c|^2 + sum_{j in c} |x_j - mu_c|^2); the
-    dissimilar half is a tiled sum with a tiled backward (dX_i = sum_j G_ij (x_i - x_j)). The
-    gradient of a dissimilar pair at d = 0 is taken as 0 (torch's norm convention).
+    dissimilar half is a tiled sum with a tiled backward (dX_i = sum_j G_ij (x_i - x_j)); on
+    CPU only the pairs within the margin are visited when they are few. The gradient of a
+    dissimilar pair at d = 0 is taken as 0 (torch's norm convention). 16-bit rows are taken to
+    float32 first (the two halves' gradients meet there, so they are rounded once): the tiles
+    run in float32.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 (float64 on the CPU backends), N >= 2.

@@ -9,9 +9,10 @@ Kernels (grid over anchor blocks unless said otherwise, each program looping ove
 tiles):
 
 * :func:`_mine_hard_kernel`: running (value, index) of the farthest positive and of the
-  nearest (or farthest) negative per row, in registers. Ties: a tile's arg is the smallest
-  column among its extremes, and a later tile replaces the running best only if strictly
-  better, so the smallest index wins; a NaN distance wins (first NaN column).
+  nearest (or farthest) negative per row, in registers, over the candidates in (label, index)
+  order (y permuted once, O(M D)). Ties: a tile's arg is the smallest column among its
+  extremes, and a later tile replaces the running best only if strictly better, so the first
+  column in that order wins; a NaN distance wins (first NaN column).
 * :func:`_pair_forward_kernel`, MODE 0 (DrLIM): dissimilar_i = sum over negatives of
   relu(margin - d)^2 / 2. MODE 1 (batch-all): with the anchor's positive distances sorted
   (an (N, KP) table, +inf padded, from PyTorch: O(N KP) memory, KP the largest class count),

@@ -14,6 +14,8 @@ from csrc_triton._alloc import poison_outputs
 from csrc_triton.triplet import DrLIMLoss, drlim
 
 CPU_BACKENDS = ["blockwise", "dense"]
+# the blockwise backend lists the pairs within the margin when few (sparse) or runs dense blocks
+BLOCKWISE_PATHS = {"sparse": 1, "dense": 10**15}
 DTYPES_16 = [torch.bfloat16, torch.float16]
 
 
@@ -76,11 +78,14 @@ def check(x, labels, loss, grad, dtype, upstream=None, **kw):
         assert excess.max() <= 0, f"gradient worse than torch in {dtype} by {excess.max().item():.3g}"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ["blockwise-sparse", "blockwise-dense", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *DTYPES_16], ids=str)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_cpu_backends(backend, dtype, reduction, monkeypatch):
     monkeypatch.setattr(distances, "BLOCK_ROWS", 6)
+    backend, _, path = backend.partition("-")
+    if path:
+        monkeypatch.setattr(distances, "SPARSE_FRACTION", BLOCKWISE_PATHS[path])
     x, labels = make_batch(25, 7, 4, dtype)
     upstream = torch.randn(25) if reduction == "none" else None
     loss, grad = run(x, labels, backend, upstream, margin=1.2, reduction=reduction)
@@ -97,6 +102,8 @@ def test_triton(dtype):
 
 @pytest.mark.parametrize("backend", ["triton", "blockwise"])
 def test_multi_tile_130x70_classes(backend, monkeypatch):
+    # rows spread so that some blocks list their few near pairs and others run dense
+    monkeypatch.setattr(distances, "SPARSE_FRACTION", 4)
     """130 rows in 70 classes, D = 70 (two output-D chunks of the Triton backward)."""
     monkeypatch.setattr(distances, "BLOCK_ROWS", 48)
     x, labels = make_batch(130, 70, 70, torch.float32, seed=2)
@@ -105,8 +112,16 @@ def test_multi_tile_130x70_classes(backend, monkeypatch):
     check(x, labels, loss, grad, torch.float32, upstream, margin=1.3, reduction="none")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
-def test_coincident_dissimilar_rows_have_zero_gradient(backend):
+@pytest.fixture(params=["blockwise-sparse", "blockwise-dense", "dense", "triton"])
+def any_backend(request, monkeypatch):
+    backend, _, path = request.param.partition("-")
+    if path:
+        monkeypatch.setattr(distances, "SPARSE_FRACTION", BLOCKWISE_PATHS[path])
+    return backend
+
+
+def test_coincident_dissimilar_rows_have_zero_gradient(any_backend):
+    backend = any_backend
     """d = 0 between rows of different labels: the loss is margin^2 / 2 per ordered pair and
     the gradient is 0 (torch's norm convention), not NaN or inf."""
     x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]], requires_grad=True)
@@ -117,15 +132,15 @@ def test_coincident_dissimilar_rows_have_zero_gradient(backend):
     assert torch.all(g == 0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
-def test_margin_zero_keeps_only_the_similar_half(backend):
+def test_margin_zero_keeps_only_the_similar_half(any_backend):
+    backend = any_backend
     x, labels = make_batch(16, 5, 3, torch.float32, seed=3)
     loss, grad = run(x, labels, backend, margin=0.0)
     check(x, labels, loss, grad, torch.float32, margin=0.0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
-def test_nan_input_gives_nan(backend):
+def test_nan_input_gives_nan(any_backend):
+    backend = any_backend
     x, labels = make_batch(12, 4, 3, torch.float32, seed=4)
     x[3, 0] = float("nan")
     loss, grad = run(x, labels, backend)
