@@ -51,7 +51,7 @@ class CPCSpeechConfig:
     lr: float = 2e-4
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0: off
-    negatives: str = "batch"  # batch (paper's headline) | sequence | speaker
+    negatives: str = "batch"  # batch (paper's headline) | sequence | speaker | global (all ranks)
     temperature: float = 1.0
     similarity: str = "dot"  # dot (paper) | cosine (see cpc.criterion)
     model: CPCModelConfig = field(default_factory=CPCModelConfig)

@@ -22,6 +22,12 @@ paper's frame-level alignment file (utterance id, then one phone index per 10 ms
 negatives from the whole batch, Adam 2e-4, 50 random frames per utterance in the phone probe; probes on a deterministic 80/20 split by utterance unless a
 manifest gives a ``split`` column, e.g. one built from the paper's train/test split files.)
 
+Under torchrun, ``--negatives batch`` draws each process's negatives from its own batch (as
+CPC_audio does); ``--negatives global`` draws them from the batches of every process (the keys
+are gathered with exact gradients through ``csrc_triton.info_nce(..., process_group=...)``),
+so that R processes with batch B each compute the loss and the gradients of one process with
+batch R x B. In one process ``global`` is ``batch``.
+
 Outputs in ``--out``: config.json (resolved), checkpoint.pt (atomic), metrics.jsonl,
 probes.json, training.png, probes.png, summary.json.
 """
@@ -93,9 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", default=None, help="make an unreadable "
                    "or empty audio file an error instead of a skipped file (with a warning).")
     p.add_argument("--seed", type=int, help="seed for initialisation, batches and probes.")
-    p.add_argument("--negatives", choices=["batch", "sequence", "speaker"], help="where each "
-                   "step's negatives come from: all positions of the batch, the same sequence, "
-                   "or the sequences of the same speaker.")
+    p.add_argument("--negatives", choices=["batch", "sequence", "speaker", "global"],
+                   help="where each step's negatives come from: all positions of this "
+                   "process's batch, the same sequence, the sequences of the same speaker, or "
+                   "'global': all positions of the batches of every process under torchrun "
+                   "(keys gathered across ranks with exact gradients; the loss and gradients "
+                   "of one process on the concatenated batch). Without torchrun (one process) "
+                   "'global' is 'batch'. Default: the preset's (paper: batch, cpu-quick: "
+                   "speaker).")
     p.add_argument("--lr", type=float, help="Adam learning rate.")
     p.add_argument("--no-probes", action="store_true", help="train only; skip the probes.")
     p.add_argument("--quiet", action="store_true", help="no progress bars.")
@@ -201,7 +212,9 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     torch.manual_seed(config.seed)
     model = CPCModel(config.model).to(device)
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    criterion = CPCCriterion(config.negatives, config.temperature, similarity=config.similarity)
+    # "global" gathers the keys over every rank (the default group); other modes ignore it
+    criterion = CPCCriterion(config.negatives, config.temperature, similarity=config.similarity,
+                             process_group=torch.distributed.group.WORLD if info.enabled else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     _log(info, f"model: {count_parameters(model) / 1e6:.2f}M parameters; "
          f"{dataset.n_short} training utterances shorter than the window (padded, masked)")
@@ -279,10 +292,13 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         optimizer.step()
         windows_seen += len(indices) * info.world_size
         if logging:
+            # means over ranks: with "global" negatives each rank's loss is R x its share,
+            # so the mean is the loss of the global batch
             loss = D.all_reduce_mean(out_loss.loss.detach(), info)
+            step_loss = D.all_reduce_mean(out_loss.step_loss, info)
             acc = D.all_reduce_mean(out_loss.step_accuracy, info)
             last = {"step": done, "loss": float(loss), "lr": lr_at(step, config),
-                    "step_loss": [round(float(x), 6) for x in out_loss.step_loss],
+                    "step_loss": [round(float(x), 6) for x in step_loss],
                     "step_accuracy": [round(float(x), 4) for x in acc],
                     "elapsed_s": round(time.perf_counter() - t_train, 2)}
             if info.is_main:
@@ -338,7 +354,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_report(summary, results)
-    return {"summary": summary, "probes": results, "out": str(out)}
+    return {"summary": summary, "probes": results, "out": str(out), "model": model}
 
 
 @torch.no_grad()

@@ -1,10 +1,13 @@
 """End to end: python -m recipes.cpc_speech on a tiny generated corpus; every output file,
-resume equality, bad-file skip vs --strict, --help, and a 2-process gloo DDP run."""
+resume equality, bad-file skip vs --strict, --help, and 2-process gloo DDP runs (speaker and
+global negatives) that end with the same parameters on both ranks."""
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +44,9 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--data", "--manifest", "--out", "--steps", "--batch-size", "--window",
                  "--device", "--resume", "--config", "--probe", "--strict", "--seed",
-                 "--alignments"):
+                 "--alignments", "--negatives"):
         assert flag in text
+    assert "Without torchrun (one process) 'global' is 'batch'" in " ".join(text.split())
 
 
 def test_end_to_end_outputs(tmp_path, capsys):
@@ -112,27 +116,62 @@ def test_bad_flag_value_is_named(tmp_path, capsys):
     assert "window=1000" in capsys.readouterr().err
 
 
+def test_bad_negatives_in_config_named_before_any_work(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["--config", _config(tmp_path, negatives="everywhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "negatives='everywhere'" in err and "'global'" in err
+    assert not out.exists()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, argv):
+def _spawn(fn, args, nprocs: int, seconds: float) -> None:
+    """mp.spawn, but a hung process group fails the test after ``seconds`` instead of waiting
+    for the collectives' 30-minute timeout."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"the {nprocs} gloo processes did not finish within {seconds:.0f} s (a hang)")
+
+
+def _ddp_worker(rank, world, port, runs):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = run(argv)
-    torch.save(result["summary"]["world_size"], Path(argv[argv.index("--out") + 1]) /
-               f"rank{rank}.pt")
+    for argv in runs:  # one process start for every run: each run() sets the group up and down
+        result = run(argv)
+        torch.save({"world_size": result["summary"]["world_size"],
+                    "model": result["model"].state_dict()},
+                   Path(argv[argv.index("--out") + 1]) / f"rank{rank}.pt")
 
 
 def test_two_process_gloo_ddp(tmp_path):
-    out = tmp_path / "ddp"
-    argv = ["--config", _config(tmp_path), "--out", str(out), "--steps", "2", "--quiet",
-            "--no-probes", "--device", "cpu"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
-    assert torch.load(out / "rank0.pt") == 2 and torch.load(out / "rank1.pt") == 2
-    ck = load_checkpoint(out / "checkpoint.pt")
-    assert ck["step"] == 2
-    assert len(_losses(out)) == 2
+    """Two gloo processes train 2 steps with each process's own (speaker) negatives, then with
+    --negatives global; both ranks end every run with exactly the same parameters."""
+    runs = {negatives: ["--config", _config(tmp_path), "--out", str(tmp_path / negatives),
+                        "--steps", "2", "--quiet", "--no-probes", "--device", "cpu",
+                        "--negatives", negatives]
+            for negatives in ("speaker", "global")}
+    _spawn(_ddp_worker, (2, _free_port(), list(runs.values())), nprocs=2, seconds=240)
+    for negatives in runs:
+        out = tmp_path / negatives
+        ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+        assert [r["world_size"] for r in ranks] == [2, 2]
+        assert ranks[0]["model"].keys() == ranks[1]["model"].keys()
+        for name, value in ranks[0]["model"].items():
+            assert torch.equal(value, ranks[1]["model"][name]), f"{negatives}: {name} differs between ranks"
+        ck = load_checkpoint(out / "checkpoint.pt")
+        assert ck["step"] == 2 and ck["config"]["negatives"] == negatives
+        for name, value in ck["model"].items():  # and the checkpoint holds them
+            assert torch.equal(value, ranks[0]["model"][name]), name
+        losses = _losses(out)
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
