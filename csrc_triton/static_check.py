@@ -1,14 +1,30 @@
-"""Compile the shipped LSE kernel configurations for a GPU architecture without a GPU.
+"""Compile every shipped LSE kernel variant for a GPU architecture, without a GPU.
 
-For every (kernel, tile configuration, dtype) this compiles the Triton kernel ahead of time for
-``sm_<arch>`` (Triton's own pipeline: TTIR -> TTGIR -> LLVM -> PTX), then runs Triton's bundled
-``ptxas -v`` on the PTX to read registers per thread and spill bytes, reads shared memory from
-the compiled metadata, and greps the PTX for ``wgmma.mma_async`` (Hopper's warpgroup tensor-core
-instruction; its absence on sm_90 for bf16/fp16 means the tile products fell back to
-``mma.sync``). fp32 inputs use IEEE products (``input_precision="ieee"``), which run on FMA units
-and are expected to show no tensor-core instruction at all.
+For every kernel, every constexpr variant the launchers of :mod:`csrc_triton.triton_lse` can
+produce, and every input dtype, this compiles the Triton kernel ahead of time for ``sm_<arch>``
+(Triton's own pipeline: TTIR -> TTGIR -> LLVM -> PTX) with the shipped tile configuration, runs
+Triton's bundled ``ptxas -v`` on the PTX to read registers per thread and spill bytes, reads
+shared memory from the compiled metadata, and greps the PTX for ``wgmma.mma_async`` (Hopper's
+warpgroup tensor-core instruction; its absence on sm_90 for bf16/fp16 means the tile products
+fell back to ``mma.sync``). fp32 inputs use IEEE products (``input_precision="ieee"``), which run
+on FMA units and show no tensor-core instruction at all.
+
+Variants:
+  * forward: COMPUTE_COL x LABELS (4);
+  * backward "fused" (column owner): every (NEEDS_DQ, NEEDS_DK, WIDE) that
+    :func:`csrc_triton.triton_lse.backward_plan` can return, x HAS_COL x POS (none, index,
+    labels);
+  * backward "rows" (query owner, dq in registers): HAS_COL x POS;
+  * the positive-index row-dot kernel, the statistics merge (with and without labels) and the
+    split sum (one per output dtype).
+Runtime scalars (self offset, flags, splits) are compiled as the JIT compiles them, not
+specialised (``triton_lse.RUNTIME_SCALARS``); inputs are assumed contiguous with D a multiple
+of 16 and 16-byte aligned buffers (what the JIT specialises for D = 768).
 
 Usage::
+
+    python -m csrc_triton.static_check            # every variant, sm_90, a table
+    python -m csrc_triton.static_check --subset   # one representative per kernel family
 
     from csrc_triton.static_check import static_report, format_table
     print(format_table(static_report()))
@@ -18,6 +34,8 @@ interpreter function, so the compilation runs in a child Python process without 
 """
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -25,7 +43,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -34,9 +52,103 @@ from triton.compiler import ASTSource
 from . import triton_lse
 from .tile_configs import CONFIGS, BackwardConfig, ForwardConfig
 
-_TRITON_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+DTYPES = ("bf16", "fp16", "fp32")
 _FAMILY = {"bf16": "16", "fp16": "16", "fp32": "32"}
 _ARCH_PREFIX = {90: "sm90", 80: "sm80"}
+# Pointer arguments in the input dtype, and int64 ones; every other pointer is fp32.
+_INPUT_DTYPE_PTRS = {"q_ptr", "k_ptr", "dq_ptr", "dk_ptr"}
+_INT64_PTRS = {"row_labels_ptr", "col_labels_ptr", "row_key_ptr", "index_ptr"}
+_FLOAT_SCALARS = {"shift_range"}
+_ALIGNED_INTS = {"D", "stride_qn", "stride_kn"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One compilation: a kernel, its constexpr flags, input dtype and launch options."""
+
+    kernel: str  # "forward", "fused", "rows", "positive_index", "merge", "sum_splits"
+    flags: tuple[tuple[str, object], ...]  # constexpr flags (name, value)
+    dtype: str  # input dtype (sum_splits: output dtype)
+    blocks: tuple[tuple[str, int], ...]  # BLOCK_* constexprs
+    num_warps: int
+    num_stages: int
+    config: str  # tile configuration name ("" for the epilogue kernels)
+    arch: int = 90
+
+    def label(self) -> str:
+        return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.flags) or "-"
+
+
+_KERNELS = {
+    "forward": lambda: triton_lse._lse_forward_kernel,
+    "fused": lambda: triton_lse._lse_backward_kernel,
+    "rows": lambda: triton_lse._lse_backward_rows_kernel,
+    "positive_index": lambda: triton_lse._positive_index_kernel,
+    "merge": lambda: triton_lse._merge_stats_kernel,
+    "sum_splits": lambda: triton_lse._sum_splits_kernel,
+}
+
+
+def fused_variants() -> list[tuple[bool, bool, bool]]:
+    """Every (NEEDS_DQ, NEEDS_DK, WIDE) of the fused backward kernel that the launcher can
+    produce, read from :func:`triton_lse.backward_plan` itself over all its inputs."""
+    found = set()
+    config = BackwardConfig(block_m=64, block_n=64, block_d=64, block_do=128, num_warps=8, num_stages=3)
+    for d in (64, 768):  # narrow and wide output D
+        for needs in range(16):
+            needs_dq, needs_dk, needs_dbias, deterministic = (bool(needs >> bit & 1) for bit in range(4))
+            plan = triton_lse.backward_plan(4096, 4096, d, config, needs_dq=needs_dq, needs_dk=needs_dk,
+                                            needs_dbias=needs_dbias, deterministic=deterministic)
+            for launch in plan:
+                if launch["kernel"] == "fused":
+                    found.add((launch["NEEDS_DQ"], launch["NEEDS_DK"], launch["WIDE"]))
+    return sorted(found, reverse=True)
+
+
+def variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = False) -> list[Job]:
+    """The compilation jobs: every shipped variant, or (``subset``) the heaviest one of each
+    kernel family per dtype (all terms on, labels positives, column term)."""
+    prefix = _ARCH_PREFIX.get(arch, "generic")
+    jobs: list[Job] = []
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtypes must be among {DTYPES}; got {dtype!r}")
+        name = f"{prefix}-{_FAMILY[dtype]}"
+        configs = CONFIGS[name]
+        bwd = configs.backward
+
+        def bwd_blocks(block_do: int) -> tuple:
+            return (("BLOCK_M", bwd.block_m), ("BLOCK_N", bwd.block_n), ("BLOCK_D", bwd.block_d),
+                    ("BLOCK_DO", block_do))
+
+        cols = (True,) if subset else (False, True)
+        for compute_col in cols:
+            for labels in ((True,) if subset else (False, True)):
+                fwd = configs.forward_for(compute_col, labels)
+                fwd_blocks = (("BLOCK_M", fwd.block_m), ("BLOCK_N", fwd.block_n), ("BLOCK_D", fwd.block_d))
+                jobs.append(Job("forward", (("COMPUTE_COL", compute_col), ("LABELS", labels)), dtype, fwd_blocks,
+                                fwd.num_warps, fwd.num_stages, name, arch))
+        outputs = fused_variants()
+        if subset:
+            outputs = [v for v in outputs if v in ((True, True, False), (True, True, True), (False, True, False))]
+        for has_col in cols:
+            for pos in ((2,) if subset else (0, 1, 2)):
+                for needs_dq, needs_dk, wide in outputs:
+                    jobs.append(Job("fused", (("HAS_COL", has_col), ("POS", pos), ("NEEDS_DQ", needs_dq),
+                                              ("NEEDS_DK", needs_dk), ("WIDE", wide)),
+                                    dtype, bwd_blocks(bwd.wide_block_do if wide else bwd.block_do),
+                                    bwd.num_warps, bwd.num_stages, name, arch))
+                jobs.append(Job("rows", (("HAS_COL", has_col), ("POS", pos)), dtype, bwd_blocks(bwd.block_do),
+                                bwd.num_warps, bwd.num_stages, name, arch))
+        jobs.append(Job("positive_index", (), dtype,
+                        (("BLOCK_R", triton_lse._INDEX_BLOCK_R), ("BLOCK_D", triton_lse._INDEX_BLOCK_D)), 4, 3, "",
+                        arch))
+        jobs.append(Job("sum_splits", (), dtype, (("BLOCK", triton_lse._EPILOGUE_BLOCK),), 4, 3, "", arch))
+    if not subset or "fp32" in dtypes:
+        for labels in ((True,) if subset else (False, True)):
+            jobs.append(Job("merge", (("LABELS", labels),), "fp32", (("BLOCK", triton_lse._MERGE_BLOCK),), 4, 3,
+                            "", arch))
+    return jobs
 
 
 def _ptxas_path(arch: int) -> str:
@@ -61,79 +173,99 @@ def _ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
     log = result.stdout + result.stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
     return {
         "registers": int(registers.group(1)) if registers else -1,
         "spill_stores": int(spills.group(1)) if spills else 0,
         "spill_loads": int(spills.group(2)) if spills else 0,
+        "stack_bytes": int(stack.group(1)) if stack else 0,
     }
 
 
-def _source(fn, signature: dict[str, str], constexprs: dict) -> tuple[ASTSource, dict]:
-    """The ASTSource Triton's JIT would build for contiguous inputs with D a multiple of 16
-    (e.g. D = 768) and 16-byte aligned buffers: unit strides become constexpr 1 (the JIT
-    specialises integers equal to 1), and pointers, row strides and D carry divisibility 16
-    (what lets loads vectorise and the software pipeliner use cp.async)."""
-    constexprs = dict(constexprs, stride_qd=1, stride_kd=1)
-    signature = dict(signature)
-    signature.update({name: "constexpr" for name in constexprs})
-    aligned = [name for name, ty in signature.items()
-               if ty.startswith("*") or name in ("D", "stride_qn", "stride_kn")]
+def _pointer_type(name: str, dtype: str, kernel: str) -> str:
+    if kernel == "sum_splits" and name == "out_ptr":
+        return f"*{dtype}"
+    if name in _INPUT_DTYPE_PTRS:
+        return f"*{dtype}"
+    if name in _INT64_PTRS:
+        return "*i64"
+    return "*fp32"
+
+
+def _source(job: Job) -> ASTSource:
+    """The ASTSource Triton's JIT builds for this variant with contiguous inputs, D a multiple of
+    16 and 16-byte aligned buffers: unit strides are constexpr 1 (the JIT specialises integers
+    equal to 1), pointers, row strides and D carry divisibility 16; runtime scalars are plain
+    (``do_not_specialize``)."""
+    fn = _KERNELS[job.kernel]()
+    constexprs: dict = dict(job.flags) | dict(job.blocks)
+    if job.kernel in ("forward", "fused", "rows"):
+        constexprs["DOT_PRECISION"] = "ieee" if job.dtype == "fp32" else "tf32"
+        constexprs["UPCAST"] = False
+    if "stride_qd" in fn.arg_names:
+        constexprs.update(stride_qd=1, stride_kd=1)
+    signature: dict[str, str] = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = _pointer_type(name, job.dtype, job.kernel)
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    missing = [p for p in fn.arg_names if p not in signature]
+    if missing:
+        raise RuntimeError(f"{job.kernel}: no type for {missing}")
+    aligned = [name for name, ty in signature.items() if ty.startswith("*") or name in _ALIGNED_INTS]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), constexprs
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-def _forward_source(cfg: ForwardConfig, dtype: str) -> tuple[ASTSource, dict]:
-    t = _TRITON_DTYPE[dtype]
-    signature = {
-        "q_ptr": f"*{t}", "k_ptr": f"*{t}", "scale_ptr": "*fp32",
-        "row_max_ptr": "*fp32", "row_sum_ptr": "*fp32", "col_stats_ptr": "*i64",
-        "N": "i32", "M": "i32", "D": "i32",
-        "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
-        "col_blocks_per_split": "i32",
+def _compile_in_process(job: Job) -> dict:
+    src = _source(job)
+    target = GPUTarget("cuda", job.arch, 32)  # (backend, capability, warp size)
+    compiled = triton.compile(src, target=target,
+                              options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+    ptx = compiled.asm["ptx"]
+    usage = _ptxas_usage(ptx, job.arch)
+    blocks = dict(job.blocks)
+    tiles = "x".join(str(v) for k, v in blocks.items() if k != "BLOCK_DO")
+    if "BLOCK_DO" in blocks:
+        tiles += f" do{blocks['BLOCK_DO']}"
+    return {
+        "kernel": job.kernel,
+        "variant": job.label(),
+        "config": job.config,
+        "dtype": job.dtype,
+        "tiles": tiles,
+        "warps": job.num_warps,
+        "stages": job.num_stages,
+        **usage,
+        "shared_bytes": int(compiled.metadata.shared),
+        "wgmma": "wgmma.mma_async" in ptx,
+        "mma_sync": "mma.sync" in ptx,
+        "ex2": ptx.count("ex2.approx"),
     }
-    constexprs = {
-        "EXCLUDE_DIAGONAL": False, "COMPUTE_COL": True,
-        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
-        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d,
-    }
-    return _source(triton_lse._lse_forward_kernel, signature, constexprs)
 
 
-def _backward_source(cfg: BackwardConfig, dtype: str, wide: bool = False) -> tuple[ASTSource, dict]:
-    t = _TRITON_DTYPE[dtype]
-    signature = {
-        "q_ptr": f"*{t}", "k_ptr": f"*{t}", "scale_ptr": "*fp32",
-        "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32", "grad_row_ptr": "*fp32", "grad_col_ptr": "*fp32",
-        "dq_acc_ptr": "*fp32", "dk_ptr": f"*{t}", "dscale_part_ptr": "*fp32",
-        "grad_pos_ptr": "*fp32", "row_labels_ptr": "*i64", "col_labels_ptr": "*i64",
-        "N": "i32", "M": "i32", "D": "i32",
-        "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
-        "row_blocks_per_split": "i32", "positive_offset": "i32",
-    }
-    constexprs = {
-        # The heaviest common case: CLIP (row and column terms, diagonal positives folded in).
-        "EXCLUDE_DIAGONAL": False, "HAS_COL": True, "DK_ATOMIC": wide, "WIDE": wide, "POSITIVES": 1,
-        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
-        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "BLOCK_DO": cfg.block_do,
-    }
-    return _source(triton_lse._lse_backward_kernel, signature, constexprs)
+def _compile_all(jobs: Sequence[Job], workers: int) -> list[dict]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [_compile_in_process(job) for job in jobs]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_compile_in_process, jobs))
 
 
-def compile_one(kernel: str, config: ForwardConfig | BackwardConfig, dtype: str, arch: int = 90) -> dict:
-    """Compile one kernel ("forward", "backward" or "backward-wide") in one configuration; return
-    its report row."""
-    return _compile_many([(kernel, config, dtype, arch)])[0]
-
-
-def _compile_many(jobs: Sequence[tuple[str, ForwardConfig | BackwardConfig, str, int]]) -> list[dict]:
-    """Compile each (kernel, config, dtype, arch). Under the interpreter, in a child process."""
+def compile_jobs(jobs: Sequence[Job], workers: int | None = None) -> list[dict]:
+    """Compile each job (in parallel over ``workers`` processes, default: the CPU count); under
+    the interpreter, in a child process without it."""
+    workers = workers or os.cpu_count() or 1
     if not triton.knobs.runtime.interpret:
-        return [_compile_in_process(*job) for job in jobs]
+        return _compile_all(jobs, workers)
     # With TRITON_INTERPRET=1, every @triton.jit function (ours and triton.language's own, such
     # as tl.cdiv or the reduction combiners) was created as an interpreter function and cannot
     # be compiled; a fresh interpreter-free Python process can.
-    payload = json.dumps([{"kernel": k, "config": dataclasses.asdict(c), "dtype": d, "arch": a}
-                          for k, c, d, a in jobs])
+    payload = json.dumps({"workers": workers, "jobs": [dataclasses.asdict(job) for job in jobs]})
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -144,62 +276,40 @@ def _compile_many(jobs: Sequence[tuple[str, ForwardConfig | BackwardConfig, str,
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _compile_in_process(kernel: str, config: ForwardConfig | BackwardConfig, dtype: str, arch: int) -> dict:
-    if kernel == "forward":
-        src, _ = _forward_source(config, dtype)
-    else:
-        src, _ = _backward_source(config, dtype, wide=kernel == "backward-wide")
-    target = GPUTarget("cuda", arch, 32)  # (backend, capability, warp size)
-    compiled = triton.compile(src, target=target,
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    ptx = compiled.asm["ptx"]
-    usage = _ptxas_usage(ptx, arch)
-    tiles = f"{config.block_m}x{config.block_n}x{config.block_d}"
+def _job_from_dict(data: dict) -> Job:
+    return Job(kernel=data["kernel"], flags=tuple(tuple(f) for f in data["flags"]), dtype=data["dtype"],
+               blocks=tuple(tuple(b) for b in data["blocks"]), num_warps=data["num_warps"],
+               num_stages=data["num_stages"], config=data["config"], arch=data["arch"])
+
+
+def compile_one(kernel: str, flags: dict, config: ForwardConfig | BackwardConfig, dtype: str, arch: int = 90) -> dict:
+    """Compile one variant of ``kernel`` ("forward", "fused", "rows") with a tile ``config``;
+    return its report row."""
+    blocks = [("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_D", config.block_d)]
     if isinstance(config, BackwardConfig):
-        tiles += f" do{config.block_do}"
-    return {
-        "kernel": kernel,
-        "tiles": tiles,
-        "warps": config.num_warps,
-        "stages": config.num_stages,
-        "dtype": dtype,
-        **usage,
-        "shared_bytes": int(compiled.metadata.shared),
-        "wgmma": "wgmma.mma_async" in ptx,
-        "mma_sync": "mma.sync" in ptx,
-    }
+        blocks.append(("BLOCK_DO", config.block_do))
+    job = Job(kernel, tuple(flags.items()), dtype, tuple(blocks), config.num_warps, config.num_stages, "custom", arch)
+    return compile_jobs([job], workers=1)[0]
 
 
-def static_report(arch: int = 90, dtypes: Sequence[str] | Iterable[str] = ("bf16", "fp16", "fp32")) -> list[dict]:
-    """One row per (kernel, shipped config for ``arch``, dtype): registers, spill bytes
-    (stores/loads), shared memory bytes, and whether the tile products use ``wgmma``.
-
-    Kernels: "forward" (row + column LSE), "backward" (dK in registers, grid over output-D
-    chunks, used when D <= 2 * block_do) and "backward-wide" (loop over the output D, dK by
-    atomics, used for wider D); backward variants compiled with row, column and positive terms.
+def static_report(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = False,
+                  workers: int | None = None) -> list[dict]:
+    """One row per compiled variant (see :func:`variants`): registers, spill bytes
+    (stores/loads), stack frame, shared memory bytes, whether the tile products use ``wgmma``,
+    and the number of ``ex2`` instructions in the PTX.
 
     Args:
         arch: compute capability as an int (90 = Hopper sm_90a, 80 = Ampere).
         dtypes: any of "bf16", "fp16", "fp32"; each is compiled with its dtype family's config.
+        subset: only the heaviest variant of each kernel family (what the test suite compiles).
+        workers: compiler processes (default: the CPU count).
     """
-    prefix = _ARCH_PREFIX.get(arch, "generic")
-    jobs, names = [], []
-    for dtype in dtypes:
-        if dtype not in _TRITON_DTYPE:
-            raise ValueError(f"dtypes must be among {tuple(_TRITON_DTYPE)}; got {dtype!r}")
-        forward, backward = CONFIGS[f"{prefix}-{_FAMILY[dtype]}"]
-        for kernel, config in (("forward", forward), ("backward", backward), ("backward-wide", backward)):
-            jobs.append((kernel, config, dtype, arch))
-            names.append(f"{prefix}-{_FAMILY[dtype]}")
-    rows = _compile_many(jobs)
-    for row, name in zip(rows, names):
-        row["config"] = name
-    return rows
+    return compile_jobs(variants(arch, dtypes, subset), workers)
 
 
 def format_table(rows: Sequence[dict]) -> str:
     """A fixed-width text table of :func:`static_report` rows."""
-    columns = [("kernel", "kernel"), ("config", "config"), ("dtype", "dtype"), ("tiles", "tiles MxNxD"),
+    columns = [("kernel", "kernel"), ("variant", "variant"), ("dtype", "dtype"), ("tiles", "tiles"),
                ("warps", "warps"), ("stages", "stages"), ("registers", "regs"),
                ("spill_stores", "spill st B"), ("spill_loads", "spill ld B"),
                ("shared_bytes", "smem B"), ("wgmma", "wgmma")]
@@ -214,15 +324,28 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def _main() -> None:
-    if "--json-jobs" in sys.argv:  # child process of _compile_many
-        jobs = json.loads(sys.stdin.read())
-        rows = []
-        for job in jobs:
-            cls = ForwardConfig if job["kernel"] == "forward" else BackwardConfig
-            rows.append(_compile_in_process(job["kernel"], cls(**job["config"]), job["dtype"], job["arch"]))
-        print(json.dumps(rows))
-    else:
-        print(format_table(static_report()))
+    if "--json-jobs" in sys.argv:  # child process of compile_jobs
+        payload = json.loads(sys.stdin.read())
+        jobs = [_job_from_dict(job) for job in payload["jobs"]]
+        print(json.dumps(_compile_all(jobs, payload["workers"])))
+        return
+    parser = argparse.ArgumentParser(description="Compile every shipped LSE kernel variant for a GPU "
+                                                 "architecture (no GPU needed) and report registers, spills, "
+                                                 "shared memory and wgmma use.")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability (default 90: sm_90a)")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated (default: all)")
+    parser.add_argument("--subset", action="store_true", help="only the heaviest variant per kernel family")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args()
+    rows = static_report(args.arch, args.dtypes.split(","), args.subset)
+    print(format_table(rows))
+    spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
+    print(f"\n{len(rows)} variants compiled for sm_{args.arch}; {len(spilling)} spill.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if spilling:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

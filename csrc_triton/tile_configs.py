@@ -43,6 +43,7 @@ executed operation, so BLOCK_D = 32 and BLOCK_DO = 64 keep the D loops short.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -79,54 +80,69 @@ class BackwardConfig:
     num_warps: int
     num_stages: int
     min_programs: int = 264
+    block_do_wide: int | None = None  # output chunk of the "wide" fused form; None: block_do
+
+    @property
+    def wide_block_do(self) -> int:
+        return self.block_do_wide or self.block_do
 
 
-# name -> (forward, backward); looked up per dtype family ("16" for bf16/fp16, "32" for fp32).
-CONFIGS: dict[str, tuple[ForwardConfig, BackwardConfig]] = {
-    # Registers / spills / shared memory as reported by csrc_triton.static_check (ptxas 12.8).
-    "sm90-16": (
-        # 255 regs, 0 spills, 96 KiB smem, wgmma.
+class TileConfigs(NamedTuple):
+    """The configurations of one (device family, dtype family).
+
+    forward: row statistics only (InfoNCE, MoCo, positives by index); forward_full: with column
+    statistics and/or positives by labels (more live state per tile; None: same as forward)."""
+
+    forward: ForwardConfig
+    backward: BackwardConfig
+    forward_full: ForwardConfig | None = None
+
+    def forward_for(self, compute_col: bool, labels: bool) -> ForwardConfig:
+        return self.forward_full if (compute_col or labels) and self.forward_full else self.forward
+
+
+# name -> TileConfigs; looked up per dtype family ("16" for bf16/fp16, "32" for fp32).
+CONFIGS: dict[str, TileConfigs] = {
+    # Registers / spills / shared memory: docs/kernels.md (csrc_triton.static_check, ptxas of
+    # Triton 3.6, every variant of every kernel).
+    "sm90-16": TileConfigs(
         ForwardConfig(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3),
-        # 243 regs, 0 spills, 64 KiB smem, wgmma. (64 x 128 S tiles spill 144 B; BLOCK_DO = 256 spills.)
-        BackwardConfig(block_m=64, block_n=64, block_d=64, block_do=128, num_warps=8, num_stages=3),
+        BackwardConfig(block_m=64, block_n=64, block_d=64, block_do=128, num_warps=8, num_stages=3,
+                       block_do_wide=64),
+        ForwardConfig(block_m=128, block_n=64, block_d=64, num_warps=8, num_stages=3),
     ),
-    "sm90-32": (
-        # IEEE fp32 on FMA units: 214 regs, 0 spills.
+    "sm90-32": TileConfigs(
         ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2),
-        # 231 regs, 0 spills (64 x 64 tiles with 4 warps spill 2.3 KB).
-        BackwardConfig(block_m=32, block_n=64, block_d=32, block_do=64, num_warps=8, num_stages=1),
+        BackwardConfig(block_m=64, block_n=64, block_d=32, block_do=32, num_warps=8, num_stages=2),
+        ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=8, num_stages=2),
     ),
-    "sm80-16": (
-        # 184 regs, 0 spills, 48 KiB smem, mma.sync.
+    "sm80-16": TileConfigs(
         ForwardConfig(block_m=128, block_n=64, block_d=64, num_warps=8, num_stages=3, min_programs=216),
-        # 255 regs, 0 spills, 28 KiB smem (with 4 warps ptxas falls back to a 4.5 KB stack frame).
         BackwardConfig(block_m=32, block_n=64, block_d=64, block_do=128, num_warps=8, num_stages=2,
                        min_programs=216),
     ),
-    "sm80-32": (
-        # 216 regs, 0 spills.
+    "sm80-32": TileConfigs(
         ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2, min_programs=216),
-        # 252 regs, 0 spills.
         BackwardConfig(block_m=32, block_n=64, block_d=32, block_do=64, num_warps=8, num_stages=1,
                        min_programs=216),
     ),
     # Other CUDA devices (Turing, consumer parts with ~100 KiB of shared memory): conservative.
-    "generic-16": (
+    "generic-16": TileConfigs(
         ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2, min_programs=128),
         BackwardConfig(block_m=32, block_n=64, block_d=32, block_do=64, num_warps=4, num_stages=1,
                        min_programs=128),
     ),
-    "generic-32": (
+    "generic-32": TileConfigs(
         ForwardConfig(block_m=32, block_n=64, block_d=32, num_warps=4, num_stages=1, min_programs=128),
         BackwardConfig(block_m=32, block_n=32, block_d=32, block_do=64, num_warps=4, num_stages=1,
                        min_programs=128),
     ),
     # Interpreter: smallest legal tl.dot tiles; min_programs > 1 so that small test problems
-    # still split their columns / rows across programs and exercise the merges.
-    "interpreter": (
+    # still split their rows / columns across programs and exercise the merges.
+    "interpreter": TileConfigs(
         ForwardConfig(block_m=16, block_n=16, block_d=32, num_warps=1, num_stages=1, min_programs=4),
         BackwardConfig(block_m=16, block_n=16, block_d=32, block_do=64, num_warps=1, num_stages=1,
-                       min_programs=4),
+                       min_programs=4, block_do_wide=32),
     ),
 }
 
@@ -144,6 +160,6 @@ def config_name(device: torch.device, dtype: torch.dtype, interpret: bool) -> st
     return f"generic-{family}"
 
 
-def get_configs(device: torch.device, dtype: torch.dtype, interpret: bool) -> tuple[ForwardConfig, BackwardConfig]:
-    """(forward, backward) tile configuration for ``dtype`` tensors on ``device``."""
+def get_configs(device: torch.device, dtype: torch.dtype, interpret: bool) -> TileConfigs:
+    """The tile configurations for ``dtype`` tensors on ``device``."""
     return CONFIGS[config_name(device, dtype, interpret)]
