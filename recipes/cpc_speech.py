@@ -34,9 +34,7 @@ probes.json, training.png, probes.png, summary.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -49,7 +47,7 @@ from cpc.config import CPCSpeechConfig, build_config, read_config_file
 from cpc.criterion import CPCCriterion
 from cpc.data import (BadAudioError, SpeakerBalancedBatchSampler, WindowDataset, load_utterances,
                       resolve_utterances)
-from cpc.model import CPCModel, CPCModelConfig, count_parameters
+from cpc.model import CPCModel, count_parameters
 from cpc.probes import ProbeConfig, linear_probe
 from recipes.common import distributed as D
 from recipes.common.checkpoint import (load_checkpoint, rng_state, save_checkpoint,

@@ -1,5 +1,7 @@
-"""Negatives across processes: every pairwise loss with a gloo process group of R = 2 and R = 3
-(an odd world size) ranks against one process running the same loss on the concatenated batch.
+"""Negatives across processes: every pairwise loss (info_nce in-batch, symmetric, with a queue,
+MoCo; clip_loss; nt_xent; supcon (N, D) and (N, V, D); nca; n_pair; uniformity; triplet_margin
+batch-hard, batch-all, semi-hard; drlim) with a gloo process group of R = 2 and R = 3 (an odd
+world size) ranks against one process running the same loss on the concatenated batch.
 
 The convention under test (``csrc_triton.distributed``): rank r passes its B local rows, the
 keys / negatives are the global batch (the ranks' rows in rank order), and a scalar loss
@@ -24,8 +26,9 @@ returns ``loss_r = R * (rank r's share of the global loss)``. What DDP then does
 Labels are drawn so that positives cross ranks: a pair of rows with a label of their own sits
 on the first and the last rank, one row has no positive at all (SupCon and NCA leave it out of
 the global mean: the normaliser is summed over ranks), and the other labels are spread at
-random. Blockwise backend in blocks of 2 rows (many blocks per rank), one case on the dense
-backend; outputs poisoned with NaN. Two dtypes:
+random. Blockwise backends in tiles of 2 rows x 3 columns (many tiles per rank; DrLIM both in
+dense blocks and in its list-the-pairs-within-the-margin path), one CLIP and one semi-hard
+case on the dense backend; outputs poisoned with NaN. Two dtypes:
 
 * float64: the equivalence itself, at 1e-10 relative: any error in the convention, the
   gathering or the merging shows up far above the rounding;
@@ -49,6 +52,7 @@ makes every rank's loss and gradients NaN (it is a key of every rank's rows).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from datetime import timedelta
@@ -60,13 +64,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import csrc_triton
+from csrc_triton import distances
 from csrc_triton._testing import blockwise_rows, poison_outputs
 
 B = 5  # local rows per rank: odd, and more than one block of BLOCK_ROWS
 D = 11
 V = 2  # views per sample for SupCon (N, V, D)
 QUEUE = 7  # MoCo queue rows
-BLOCK_ROWS = 2
+BLOCK_ROWS, BLOCK_COLS = 2, 3  # blockwise tiles: many in both directions
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: relative tolerance per dtype: elementwise, plus that fraction of the tensor's largest
 #: element as an absolute floor (an element that is a cancelling sum carries the rounding of
@@ -152,12 +157,39 @@ CASES = {
         "scalar"),
     "n_pair": (lambda x, g: F.n_pair(x["q"], x["k"], l2_reg=0.05, process_group=g, **BW), "scalar"),
     "uniformity": (lambda x, g: F.uniformity(0.5 * x["q"], t=x["unif_t"], process_group=g, **BW), "scalar"),
+    # the distance losses (csrc_triton.triplet): anchors local, candidates the global batch
+    "triplet_batch_hard": (
+        lambda x, g: F.triplet_margin(x["q"], x["labels"], margin=1.0, mining="batch_hard", process_group=g, **BW),
+        "scalar"),
+    "triplet_batch_hard_soft_squared_none": (
+        lambda x, g: F.triplet_margin(x["q"], x["labels"], margin=None, soft=True, distance="squared",
+                                      reduction="none", process_group=g, **BW),
+        "rows"),
+    "triplet_batch_all": (
+        lambda x, g: F.triplet_margin(x["q"], x["labels"], margin=1.0, mining="batch_all", process_group=g, **BW),
+        "scalar"),
+    "triplet_batch_all_cosine_sum": (
+        lambda x, g: F.triplet_margin(x["q"], x["labels"], margin=0.5, mining="batch_all", distance="cosine",
+                                      reduction="sum", process_group=g, **BW),
+        "scalar"),
+    "triplet_semi_hard": (
+        lambda x, g: F.triplet_margin(x["q"], x["labels"], margin=1.0, mining="semi_hard", process_group=g, **BW),
+        "scalar"),
+    "triplet_semi_hard_dense": (
+        lambda x, g: F.triplet_margin(x["q"], x["labels"], margin=1.0, mining="semi_hard", process_group=g,
+                                      backend="dense"),
+        "scalar"),
+    "drlim": (lambda x, g: F.drlim(x["q"], x["labels"], margin=3.0, process_group=g, **BW), "scalar"),
+    "drlim_none_sparse": (
+        lambda x, g: F.drlim(x["q"], x["labels"], margin=3.0, reduction="none", process_group=g, **BW), "rows"),
 }
 
-#: the cases in which every rank's output and every gradient must be NaN when one feature of
-#: the last global row (a key of every rank) is NaN
-NAN_CASES = ("info_nce", "info_nce_symmetric", "info_nce_queue", "clip_loss", "nt_xent", "supcon", "nca",
-             "n_pair", "uniformity")
+#: one feature of the last global row (a key of every rank) is NaN: every rank's output must be
+#: NaN, and every element ("all") or at least every row ("rows") of every gradient (DrLIM: a
+#: dissimilar pair's gradient is a multiple of x_i - x_j, NaN only where x_j is)
+NAN_CASES = {"info_nce": "all", "info_nce_symmetric": "all", "info_nce_queue": "all", "clip_loss": "all",
+             "nt_xent": "all", "supcon": "all", "nca": "all", "n_pair": "all", "uniformity": "all",
+             "triplet_batch_hard": "all", "drlim": "rows"}
 
 
 def _nan_inputs(world: int) -> dict[str, torch.Tensor]:
@@ -178,6 +210,8 @@ MISMATCH = {
     "nca": ("embeddings", lambda a, b, lab, g: F.nca(a, lab, process_group=g, **BW)),
     "n_pair": ("anchors", lambda a, b, lab, g: F.n_pair(a, b, process_group=g, **BW)),
     "uniformity": ("x", lambda a, b, lab, g: F.uniformity(a, process_group=g, **BW)),
+    "triplet_margin": ("embeddings", lambda a, b, lab, g: F.triplet_margin(a, lab, process_group=g, **BW)),
+    "drlim": ("embeddings", lambda a, b, lab, g: F.drlim(a, lab, process_group=g, **BW)),
 }
 
 #: the process groups under test, all in one job of PROCESSES gloo processes: name -> the
@@ -215,9 +249,23 @@ def _upstream(inputs: dict[str, torch.Tensor], kind: str, rank: int, members: in
     return torch.cat([up[:n][rows], up[n:2 * n][rows]])
 
 
-def _run_case(fn, kind: str, inputs: dict, rank: int, members: int, group) -> dict:
+@contextlib.contextmanager
+def _small_blocks(sparse: bool = False):
+    """Outputs poisoned, and the blockwise backends in many small tiles; ``sparse``: DrLIM's
+    blockwise path that lists the pairs within the margin (else its dense blocks)."""
+    saved = distances.BLOCK_ROWS, distances.SPARSE_FRACTION
+    distances.BLOCK_ROWS = BLOCK_ROWS
+    distances.SPARSE_FRACTION = 1 if sparse else 10**9
+    try:
+        with poison_outputs(), blockwise_rows(BLOCK_ROWS, BLOCK_COLS):
+            yield
+    finally:
+        distances.BLOCK_ROWS, distances.SPARSE_FRACTION = saved
+
+
+def _run_case(fn, kind: str, inputs: dict, rank: int, members: int, group, name: str = "") -> dict:
     x = _local(inputs, rank, members)
-    with poison_outputs(), blockwise_rows(BLOCK_ROWS):
+    with _small_blocks(sparse=name.endswith("sparse")):
         out = fn(x, group)
         out.backward(_upstream(inputs, kind, rank, members))
     grads = {name: t.grad.clone() for name, t in x.items() if t.requires_grad and t.grad is not None}
@@ -232,7 +280,7 @@ def _run_group(group, results: dict) -> None:
         inputs = _global_inputs(size, dtype)
         for name, (fn, kind) in CASES.items():
             try:
-                results[name, dtype_name] = _run_case(fn, kind, inputs, rank, size, group)
+                results[name, dtype_name] = _run_case(fn, kind, inputs, rank, size, group, name)
             except Exception:  # recorded and reported by the parent, per case
                 results[name, dtype_name] = {"error": traceback.format_exc()}
     # a NaN in one row of the last rank reaches every rank through the gathered keys
@@ -241,8 +289,10 @@ def _run_group(group, results: dict) -> None:
         fn, kind = CASES[name]
         try:
             res = _run_case(fn, kind, inputs, rank, size, group)
+            nan = (lambda g: g.isnan().all()) if NAN_CASES[name] == "all" else \
+                (lambda g: g.isnan().reshape(g.shape[0], -1).any(1).all() if g.dim() else g.isnan())
             results["nan", name] = {"out": bool(res["out"].isnan().all()),
-                                    "grads": {a: bool(g.isnan().all()) for a, g in res["grads"].items()}}
+                                    "grads": {a: bool(nan(g)) for a, g in res["grads"].items()}}
         except Exception:
             results["nan", name] = {"error": traceback.format_exc()}
     # ranks that disagree on D, then on B: every rank must raise, none may hang
@@ -300,8 +350,8 @@ def _group_results(job: list[dict], group: str) -> list[dict]:
     return found
 
 
-def _single(fn, kind: str, inputs: dict) -> dict:
-    return _run_case(fn, kind, inputs, 0, 1, None)
+def _single(fn, kind: str, inputs: dict, name: str) -> dict:
+    return _run_case(fn, kind, inputs, 0, 1, None, name)
 
 
 def _check_equivalence(name: str, kind: str, ranks: list[dict], single: dict, inputs: dict,
@@ -345,7 +395,7 @@ def test_matches_one_process_on_the_concatenated_batch(job, group, name, dtype_n
     fn, kind = CASES[name]
     inputs = _global_inputs(len(ranks), DTYPES[dtype_name])
     _check_equivalence(f"{name} in {group}", kind, [res[name, dtype_name] for res in ranks],
-                       _single(fn, kind, inputs), inputs, dtype_name)
+                       _single(fn, kind, inputs, name), inputs, dtype_name)
 
 
 @pytest.mark.parametrize("group", list(GROUPS))
@@ -357,7 +407,8 @@ def test_nan_in_one_rank_reaches_every_rank(job, group):
             assert got["out"], f"{name} in {group}: rank {r}'s loss is not NaN with a NaN key on the last rank"
             assert got["grads"], f"{name}: no gradients recorded"
             for arg, all_nan in got["grads"].items():
-                assert all_nan, f"{name} in {group}: rank {r}'s gradient of {arg} is not NaN everywhere"
+                assert all_nan, f"{name} in {group}: rank {r}'s gradient of {arg} is not NaN in every " \
+                    f"{'element' if NAN_CASES[name] == 'all' else 'row'}"
 
 
 @pytest.mark.parametrize("group", list(GROUPS))

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
