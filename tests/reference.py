@@ -82,6 +82,9 @@ def lse_contract_ref(q: Tensor, k: Tensor, scale: Tensor, col_bias: Tensor | Non
         col_lse_j      = log sum_{allowed i} exp(Z_ij)      (-inf if none)
         positive_sum_i = sum_{j in P(i)} Z_ij                (0 if P(i) is empty)
         positive_lse_i = log sum_{j in P(i)} exp(Z_ij)       (-inf if P(i) is empty)
+
+    Also returned: ``logits`` (Z, so that a test can differentiate with respect to it: G = dL/dZ),
+    ``allowed`` and ``positive`` (the (N, M) masks).
     """
     n, m = q.shape[0], k.shape[0]
     z = scale * (q @ k.T)
@@ -94,6 +97,9 @@ def lse_contract_ref(q: Tensor, k: Tensor, scale: Tensor, col_bias: Tensor | Non
         "col_lse": masked_logsumexp(z, allowed, 0),
         "positive_sum": torch.where(pos, z, torch.zeros_like(z)).sum(dim=1),
         "positive_lse": masked_logsumexp(z, pos, 1),
+        "logits": z,
+        "allowed": allowed,
+        "positive": pos,
     }
 
 
@@ -369,8 +375,10 @@ def check_loss(impl, ref, args: dict, grad_names, dtype: torch.dtype, *, accumul
     rows, a tiny loss computed as r_i - S_ii) are held to the precision of those terms: an
     absolute floor of 8 float32 eps (``accumulated``; 0.1 ulp of the dtype otherwise) times the
     term's size: the logit magnitude L = s_eff max|x|^2 for the loss (times ``sum_over`` for a
-    sum of that many terms), s_eff max|x| for a feature gradient (over the rows averaged when
-    the loss is a mean), L / |parameter| for the scalar parameter. ``normalized``: the loss
+    sum of that many terms), (1 + L) s_eff max|x| for a feature gradient (over the rows averaged
+    when the loss is a mean; 1 + L because a softmax weight exp(Z - r) is off by eps |Z|
+    relative), (1 + L) L / |parameter| for the scalar parameter (times sqrt(n) for n terms with
+    random upstream signs). ``normalized``: the loss
     L2-normalises the rows, so the logits see unit rows (L = s_eff) and a feature gradient is
     divided by the row's norm (s_eff / min|x|).
 
@@ -414,10 +422,18 @@ def check_loss(impl, ref, args: dict, grad_names, dtype: torch.dtype, *, accumul
         assert o.dtype == impl_args[name].dtype, f"grad of {name} has dtype {o.dtype}"
         label = f"d loss / d {name}"
         if name in PARAMS:  # a float32 (float64) accumulation, like the loss value
-            floor = k_value * logits * sum_over / max(abs(param), 1e-30)
+            # each loss term contributes about L / |p| (dL/ds = sum G q.k; dL/dt = -s^2 dL/ds),
+            # with the softmax weights' relative error eps |Z| (the 1 + L); n terms with random
+            # upstream signs add up like sqrt(n) (the parameter's gradient can be a small
+            # difference of large per-row parts)
+            n_terms = out.numel() if out.dim() else sum_over
+            floor = (k_value * (1 + logits if accumulated else 1) * logits / max(abs(param), 1e-30)
+                     * 1.5 * math.sqrt(n_terms))
             param_low = lo32 if value_rule == torch.float32 else lo
             assert_no_worse_than_torch(label, o, t, param_low, value_rule, floor=floor)
         else:
-            floor = k_grad * 1.5 * grad_term / rows
+            # each softmax weight exp(Z - r) carries a relative error of the logits' absolute
+            # error, eps |Z|: with float32 accumulation that is the floor's (1 + L) factor
+            floor = k_grad * (1 + logits if accumulated else 1) * 1.5 * grad_term / rows
             assert_no_worse_than_torch(label, o, t, lo, grad_rule, floor=floor)
     return out
