@@ -481,7 +481,8 @@ def test_blockwise_many_blocks_all_losses(dtype):
                    dict(image_features=q, text_features=k, logit_scale=torch.tensor(7.0)),
                    ["image_features", "text_features", "logit_scale"], dtype)
         check_loss(_nt_xent_impl("blockwise", reduction="none"), _nt_xent_ref(reduction="none"),
-                   dict(z1=q, z2=k, temperature=t), ["z1", "z2", "temperature"], dtype, accumulated=False, normalized=True)
+                   dict(z1=q, z2=k, temperature=t), ["z1", "z2", "temperature"], dtype, accumulated=False,
+                   normalized=True)
         check_loss(_supcon_impl("blockwise"), _supcon_ref(),
                    dict(features=torch.randn(n, 2, d).to(dtype), labels=_labels_with_singletons(n), temperature=t),
                    ["features", "temperature"], dtype, accumulated=False, normalized=True)

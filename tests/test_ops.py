@@ -18,10 +18,12 @@ on the same rounded inputs. The error model: a logit Z_ij = s q_i.k_j + b_j is o
 eps * zabs_ij (zabs = s |q_i|.|k_j| + |b_j|), so a log-sum-exp by eps * (its largest zabs +
 |value|), a positive sum by eps * (sum of its zabs). A gradient such as dq = s G k is off by
 about eps * (zmax + log M) * s |G| |k| (each G_ij has a relative error of the logits' absolute
-error). C_FWD and C_GRAD are the safety factors on those bounds (the CPU backends use about a
-quarter of them). 16-bit dq / dk are accumulated in float32
-and rounded once: half an ulp of the dtype plus the float32 bound, and no worse than PyTorch in
-that dtype (the Cut Cross-Entropy rule).
+error). C_FWD and C_GRAD are the safety factors on those bounds (measured, the CPU backends
+stay within a tenth of them). The blockwise backend clamps shifted exponents at -64 in float32
+(documented in blockwise.EXP_FLOOR): a G term that should be 0 may be e^-64 times its upstream
+gradient there, and only there. 16-bit dq / dk: the contract sums every term in float32 and
+rounds once, so |dq - truth| <= half an ulp of the dtype + the float32 bound; and no worse than
+PyTorch in that dtype (the Cut Cross-Entropy rule).
 """
 from __future__ import annotations
 
