@@ -24,7 +24,7 @@ of 16 and 16-byte aligned buffers (what the JIT specialises for D = 768).
 Usage::
 
     python -m csrc_triton.static_check            # every variant, sm_90, a table
-    python -m csrc_triton.static_check --subset   # one representative per kernel family
+    python -m csrc_triton.static_check --subset   # the representative ones the tests compile
 
     from csrc_triton.static_check import static_report, format_table
     print(format_table(static_report()))
@@ -105,9 +105,38 @@ def fused_variants() -> list[tuple[bool, bool, bool]]:
     return sorted(found, reverse=True)
 
 
+def _in_subset(job: Job) -> bool:
+    """The variants the test suite compiles (~30 s on 2 cores): for bf16 every forward variant,
+    every fused-kernel output form with labels positives and a column term, the two fused
+    variants and the rows variant that the full report shows at the 255-register ceiling
+    (index positives), and the small kernels; for fp32 the extremes of each kernel. fp16
+    compiles the same code as bf16 (same registers in the full report)."""
+    flags = dict(job.flags)
+    if job.kernel == "merge":
+        return flags["LABELS"]
+    if job.dtype == "bf16":
+        if job.kernel == "fused":
+            if flags["HAS_COL"] and flags["POS"] == 2:
+                return True
+            wide_index = (flags["NEEDS_DQ"], flags["NEEDS_DK"], flags["WIDE"]) in ((True, True, True),
+                                                                                  (False, True, False))
+            return not flags["HAS_COL"] and flags["POS"] == 1 and wide_index
+        if job.kernel == "rows":
+            return flags["HAS_COL"] and flags["POS"] == 1
+        return True
+    if job.dtype == "fp32":
+        if job.kernel == "forward":
+            return flags["COMPUTE_COL"] == flags["LABELS"]
+        if job.kernel == "fused":
+            return flags["HAS_COL"] and flags["POS"] == 2 and flags["NEEDS_DQ"] and flags["NEEDS_DK"]
+        if job.kernel == "rows":
+            return flags["HAS_COL"] and flags["POS"] == 2
+    return False
+
+
 def variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = False) -> list[Job]:
-    """The compilation jobs: every shipped variant, or (``subset``) the heaviest one of each
-    kernel family per dtype (all terms on, labels positives, column term)."""
+    """The compilation jobs: every shipped variant (what the launchers can produce, x dtypes),
+    or (``subset``) the representative ones of :func:`_in_subset`."""
     prefix = _ARCH_PREFIX.get(arch, "generic")
     jobs: list[Job] = []
     for dtype in dtypes:
@@ -121,19 +150,15 @@ def variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = Fals
             return (("BLOCK_M", bwd.block_m), ("BLOCK_N", bwd.block_n), ("BLOCK_D", bwd.block_d),
                     ("BLOCK_DO", block_do))
 
-        cols = (True,) if subset else (False, True)
-        for compute_col in cols:
-            for labels in ((True,) if subset else (False, True)):
+        for compute_col in (False, True):
+            for labels in (False, True):
                 fwd = configs.forward_for(compute_col, labels)
                 fwd_blocks = (("BLOCK_M", fwd.block_m), ("BLOCK_N", fwd.block_n), ("BLOCK_D", fwd.block_d))
                 jobs.append(Job("forward", (("COMPUTE_COL", compute_col), ("LABELS", labels)), dtype, fwd_blocks,
                                 fwd.num_warps, fwd.num_stages, name, arch))
-        outputs = fused_variants()
-        if subset:
-            outputs = [v for v in outputs if v in ((True, True, False), (True, True, True), (False, True, False))]
-        for has_col in cols:
-            for pos in ((2,) if subset else (0, 1, 2)):
-                for needs_dq, needs_dk, wide in outputs:
+        for has_col in (False, True):
+            for pos in (0, 1, 2):
+                for needs_dq, needs_dk, wide in fused_variants():
                     jobs.append(Job("fused", (("HAS_COL", has_col), ("POS", pos), ("NEEDS_DQ", needs_dq),
                                               ("NEEDS_DK", needs_dk), ("WIDE", wide)),
                                     dtype, bwd_blocks(bwd.wide_block_do if wide else bwd.block_do),
@@ -144,11 +169,10 @@ def variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = Fals
                         (("BLOCK_R", triton_lse._INDEX_BLOCK_R), ("BLOCK_D", triton_lse._INDEX_BLOCK_D)), 4, 3, "",
                         arch))
         jobs.append(Job("sum_splits", (), dtype, (("BLOCK", triton_lse._EPILOGUE_BLOCK),), 4, 3, "", arch))
-    if not subset or "fp32" in dtypes:
-        for labels in ((True,) if subset else (False, True)):
-            jobs.append(Job("merge", (("LABELS", labels),), "fp32", (("BLOCK", triton_lse._MERGE_BLOCK),), 4, 3,
-                            "", arch))
-    return jobs
+    for labels in (False, True):
+        jobs.append(Job("merge", (("LABELS", labels),), "fp32", (("BLOCK", triton_lse._MERGE_BLOCK),), 4, 3, "",
+                        arch))
+    return [job for job in jobs if _in_subset(job)] if subset else jobs
 
 
 def _ptxas_path(arch: int) -> str:
@@ -301,7 +325,7 @@ def static_report(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool =
     Args:
         arch: compute capability as an int (90 = Hopper sm_90a, 80 = Ampere).
         dtypes: any of "bf16", "fp16", "fp32"; each is compiled with its dtype family's config.
-        subset: only the heaviest variant of each kernel family (what the test suite compiles).
+        subset: only the representative variants (what the test suite compiles).
         workers: compiler processes (default: the CPU count).
     """
     return compile_jobs(variants(arch, dtypes, subset), workers)
@@ -334,7 +358,7 @@ def _main() -> None:
                                                  "shared memory and wgmma use.")
     parser.add_argument("--arch", type=int, default=90, help="compute capability (default 90: sm_90a)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated (default: all)")
-    parser.add_argument("--subset", action="store_true", help="only the heaviest variant per kernel family")
+    parser.add_argument("--subset", action="store_true", help="only the representative variants the tests compile")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args()
     rows = static_report(args.arch, args.dtypes.split(","), args.subset)
