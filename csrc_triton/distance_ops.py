@@ -132,7 +132,7 @@ def _(x, y, row_labels, col_labels, self_offset, distance, backend):
 def _cast_grads(x: Tensor, y: Tensor | None, dx: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     gx = empty(*x.shape, dtype=x.dtype, device=x.device)
     if y is None:
-        return gx.copy_(dx + dy), x.new_empty(0)
+        return gx.copy_(dx + dy), x.new_zeros(0)
     gy = empty(*y.shape, dtype=y.dtype, device=y.device)
     return gx.copy_(dx), gy.copy_(dy)
 
