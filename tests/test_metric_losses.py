@@ -195,7 +195,7 @@ def test_uniformity(backend, dtype, shape):
     check_loss(_uniformity_impl(backend), _uniformity_ref, dict(x=x, t=torch.tensor(2.0)), ["x", "t"], dtype)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
 def test_uniformity_concentrated_embeddings_16bit(backend, dtype):
     """Nearly collapsed unit embeddings (the case uniformity exists to detect): the gradient
