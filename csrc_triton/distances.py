@@ -495,15 +495,18 @@ class BlockwiseDistances:
     def _drlim_blocks(self, x, y, margin, row_labels, col_labels, grad):
         """Candidates in label order. Per block, after the GEMM giving sq:
 
-        * the pairs within the margin (sq < margin^2, or NaN) are found with one compare and
-          one nonzero; when they are few (at most 1/:data:`SPARSE_FRACTION` of the block, the
-          usual case: pairs of different classes tend to lie beyond the margin) only they are
-          processed, as lists (forward: index_add of h^2 / 2; backward: index_add of C y and
-          C^T [g x, g]), so the block costs its GEMM and about two passes;
-        * otherwise, dense: c = min(d, margin) (exactly margin beyond it), h = margin - c (0 for
-          the anchor's class: a (rows, K) scatter), dissimilar_i = |h_i|^2 / 2; backward
-          C = h / c (0 at c = 0: torch's norm gradient at 0), and one GEMM each for
-          [C y, rowsum C] = C [y, 1] and [sum_i g_i C_ij x_i, sum_i g_i C_ij] = C^T [g x, g].
+        * the anchor's class (itself included) is set to +inf: a (rows, K) scatter. Such an
+          entry then clamps to c = margin, so h = 0 and C = 0 there with no further mask;
+        * one row minimum finds the rows with a dissimilar pair within the margin (sq <
+          margin^2, or NaN); the others contribute nothing. The usual case (pairs of different
+          classes mostly lie beyond the margin) costs the GEMM and this one reduction;
+        * in the busy rows, the pairs within the margin are counted; when they are few (at
+          most 1/:data:`SPARSE_FRACTION` of those rows' entries) only they are processed, as
+          lists (index_add of h^2 / 2; backward: index_add of C y and C^T [g x, g]);
+        * otherwise dense: c = sqrt(clamp(sq, 0, margin^2)) (exactly margin beyond it), h =
+          margin - c, dissimilar_i = |h_i|^2 / 2; backward C = h / c (0 at c = 0: torch's norm
+          gradient at 0), one GEMM each for [C y, rowsum C] = C [y, 1] and
+          [sum_i g_i C_ij x_i, sum_i g_i C_ij] = C^T [g x, g].
 
         Then dx_i = -g_i (rowsum(C)_i x_i - (C y)_i) and dy_j = (C^T g x)_j - (C^T g)_j y_j."""
         n, m = x.shape[0], y.shape[0]
@@ -515,54 +518,58 @@ class BlockwiseDistances:
         cr = class_ranges(row_labels, col_labels, None)
         slots, _, _ = class_slots(cr, max_class_count(cr))
         t = _Tiles(x, y, "euclidean", perm=cr.perm)
-        col_sorted = col_labels[cr.perm]
         rows = block_rows_for(n, m)
         dist = torch.empty(rows, m, dtype=acc, device=x.device)
-        hinge = torch.empty(rows, m, dtype=acc, device=x.device)
-        near_buf = torch.empty(rows, m, dtype=torch.bool, device=x.device)
         margin_t = torch.tensor(margin, dtype=acc, device=x.device)
         m2 = float(margin_t**2)  # sqrt(fl(m * m)) == m exactly: clamped pairs come out at m
+        d_feat = x.shape[1]
         if grad is None:
             out = empty(n, dtype=acc, device=x.device)
         else:
             g_all = grad.to(acc)
             y1 = torch.cat([t.y, torch.ones(m, 1, dtype=acc, device=x.device)], dim=1)
             gx = torch.cat([g_all[:, None] * t.x, g_all[:, None]], dim=1)
-            dx = torch.empty(n, x.shape[1], dtype=acc, device=x.device)
-            dy_aug = torch.zeros(m, x.shape[1] + 1, dtype=acc, device=x.device)
+            dx = torch.empty(n, d_feat, dtype=acc, device=x.device)
+            dy_aug = torch.zeros(m, d_feat + 1, dtype=acc, device=x.device)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             r = stop - start
             sq = torch.mm(t.lhs[start:stop], t.rhs.T, out=dist[:r])
-            near = torch.ge(sq, m2, out=near_buf[:r]).logical_not_()  # d < margin, or NaN
-            pairs = near.nonzero()
-            if pairs.shape[0] <= r * m // SPARSE_FRACTION:
-                i, j = pairs[:, 0], pairs[:, 1]
-                other = row_labels[start:stop][i] != col_sorted[j]  # dissimilar pairs only
-                i, j = i[other], j[other]
-                d = sq[i, j].clamp_min_(0.0).sqrt_()
+            _fill_class(sq, slots[start:stop], cr.count[start:stop], math.inf)
+            busy = (sq.amin(dim=1) >= m2).logical_not_().nonzero()[:, 0]  # within the margin, or NaN
+            if grad is None:
+                out[start:stop] = 0.0
+            else:
+                dx[start:stop] = 0.0
+            if busy.numel() == 0:
+                continue
+            sub = sq if busy.numel() == r else sq.index_select(0, busy)  # (k, M) busy rows
+            anchors = start + busy
+            near = (sub >= m2).logical_not_()
+            n_near = int(near.sum())
+            if n_near <= near.numel() // SPARSE_FRACTION:
+                i, j = near.nonzero().unbind(1)
+                d = sub[i, j].clamp_min_(0.0).sqrt_()
                 h = margin - d
                 if grad is None:
-                    out[start:stop] = torch.zeros(r, dtype=acc, device=x.device).index_add_(0, i, 0.5 * h * h)
+                    out.index_add_(0, anchors[i], 0.5 * h * h)
                     continue
                 coef = torch.where(d == 0, 0.0, h / d)  # C = h / d, 0 at d = 0; NaN stays
-                cy = torch.zeros(r, x.shape[1] + 1, dtype=acc, device=x.device)
+                cy = torch.zeros(busy.numel(), d_feat + 1, dtype=acc, device=x.device)
                 for e0 in range(0, i.shape[0], 1 << 15):  # bounded (pairs x D) temporaries
                     ie, je, ce = i[e0 : e0 + (1 << 15)], j[e0 : e0 + (1 << 15)], coef[e0 : e0 + (1 << 15), None]
                     cy.index_add_(0, ie, ce * y1[je])
-                    dy_aug.index_add_(0, je, ce * gx[start:stop][ie])
+                    dy_aug.index_add_(0, je, ce * gx[anchors[ie]])
             else:
-                c = sq.clamp_(0.0, m2).sqrt_()
-                h = torch.sub(margin_t, c, out=hinge[:r])  # relu(margin - d), exactly 0 beyond the margin
+                c = sub.clamp_(0.0, m2).sqrt_()
+                h = torch.sub(margin_t, c)  # relu(margin - d): exactly 0 beyond the margin and in the class
                 if grad is None:
-                    _fill_class(h, slots[start:stop], cr.count[start:stop], 0.0)
-                    out[start:stop] = torch.linalg.vector_norm(h, dim=1).square_().mul_(0.5)
+                    out[anchors] = torch.linalg.vector_norm(h, dim=1).square_().mul_(0.5)
                     continue
                 coef = h.div_(c).nan_to_num_(nan=math.nan, posinf=0.0)  # C = h / d, 0 at d = 0
-                _fill_class(coef, slots[start:stop], cr.count[start:stop], 0.0)  # (the self pair's 0 / 0 too)
                 cy = coef @ y1
-                dy_aug.addmm_(coef.T, gx[start:stop])
-            dx[start:stop] = (cy[:, -1:] * t.x[start:stop] - cy[:, :-1]).mul_(-g_all[start:stop, None])
+                dy_aug.addmm_(coef.T, gx[anchors])
+            dx[anchors] = (cy[:, -1:] * t.x[anchors] - cy[:, :-1]).mul_(-g_all[anchors, None])
         if grad is None:
             return out
         dy_sorted = dy_aug[:, :-1] - dy_aug[:, -1:] * t.y
