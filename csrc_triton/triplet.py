@@ -98,7 +98,9 @@ def triplet_margin(
       farthest negative of a if there is none; loss_ap = relu(d_ap - d_an + m) (``soft``:
       softplus(d_ap - d_an)); "mean" over all positive pairs; "none": one value per positive
       pair, (P,), anchor-major with p in ascending index order. Costs O(P D) memory for the
-      chosen pairs, P the number of positive pairs.
+      chosen pairs, P the number of positive pairs. TF Addons' default
+      ``distance_metric="L_2"`` is our ``distance="squared"`` (its "L_1" is the Euclidean
+      distance); ``soft`` is our extension (TF Addons has no soft semi-hard loss).
 
     Mining is a tiled masked max/min (ties: batch-hard takes the first candidate in (label,
     index) order, semi-hard the smallest index; NaN distances win, so NaN inputs give a NaN

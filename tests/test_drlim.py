@@ -195,3 +195,19 @@ def test_validation():
         drlim(x, labels.bool())
     with pytest.raises(TypeError, match="float64"):
         drlim(x.double(), labels, backend="triton")
+
+
+def test_rows_without_a_close_dissimilar_pair(any_backend, monkeypatch):
+    """Clusters far apart (beyond the margin) with mixed labels inside, plus isolated rows: the
+    blockwise backend skips the rows with no dissimilar pair within the margin and processes
+    the others (as lists or dense); values and gradients as the reference."""
+    monkeypatch.setattr(distances, "BLOCK_ROWS", 5)
+    g = torch.Generator().manual_seed(7)
+    centers = 10.0 * torch.arange(6, dtype=torch.float32)[:, None] * torch.ones(1, 3)
+    which = torch.randint(0, 6, (23,), generator=g)
+    x = centers[which] + 0.4 * torch.randn(23, 3, generator=g)
+    x[:4] = 100.0 + 10.0 * torch.arange(4, dtype=torch.float32)[:, None]  # isolated rows
+    labels = torch.randint(0, 3, (23,), generator=g)
+    upstream = torch.randn(23, generator=g)
+    loss, grad = run(x, labels, any_backend, upstream, margin=1.0, reduction="none")
+    check(x, labels, loss, grad, torch.float32, upstream, margin=1.0, reduction="none")
