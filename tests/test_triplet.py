@@ -173,8 +173,10 @@ def test_cpu_backends_none_with_upstream(backend, dtype, distance, mining, soft,
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("mining,soft", list(soft_cases()))
-def test_cpu_backends_reductions(backend, reduction, mining, soft):
-    x, labels = make_batch(19, 5, 4, torch.float32, seed=1)
+@pytest.mark.parametrize("n_classes", [4, 2], ids=["small-classes", "large-classes"])
+def test_cpu_backends_reductions(backend, reduction, mining, soft, n_classes):
+    # 2 classes of about 10: the blockwise backend's binary search (K > 8) instead of compares
+    x, labels = make_batch(19, 5, n_classes, torch.float32, seed=1)
     kw = kwargs_for(mining, "euclidean", soft, reduction)
     loss, grad = run(x, labels, backend, **kw)
     check(loss, grad, x, labels, kw, None, torch.float32)
