@@ -40,8 +40,9 @@ padded to the largest rank's count with rows that are neither queries nor negati
 feature coordinate, 0 for real rows, puts the padded keys' logits below exp's range, see
 :func:`_pad_rows`). The step accuracy and ``step_queries`` are those of the whole group (every
 rank reports the same). Collectives per forward: one all-gather of the K step counts (read on
-the host: the shapes depend on it), then per step the engine's two, one all-reduce of the
-padding bound where padding is needed, and two more with ``accuracy=True``.
+the host: the shapes depend on it) after one of (K, C) to check them, then per step the
+engine's two, one all-reduce of the padding bound where padding is needed, and two more with
+``accuracy=True`` (which must be the same on every rank, as must the number of calls).
 """
 from __future__ import annotations
 
@@ -245,9 +246,18 @@ class CPCCriterion(nn.Module):
         """``negatives="global"`` over a group of R > 1 ranks (see the module docstring)."""
         from csrc_triton.distributed import gather_constant
 
-        steps, batch, frames, dim = predictions.shape
+        steps, _, frames, dim = predictions.shape
         device = z.device
         rank, size = dist.get_rank(group), dist.get_world_size(group)
+        # every rank must run the same steps on the same feature size (the batch and the
+        # sequence length may differ): checked first, so that a mismatch raises on every rank
+        # instead of desynchronising the collectives below
+        shapes = gather_constant(torch.tensor([[steps, dim]], device=device), group).tolist()
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(
+                f"predictions.shape={tuple(predictions.shape)} on rank {rank}: negatives='global' "
+                "needs the same number of steps K and features C on every rank; got (K, C) = "
+                f"{[tuple(s) for s in shapes]} (rank order)")
         # valid queries of step k on this rank: sum_b max(0, length_b - k); the table of every
         # rank's counts is read on the host once, since the padded shapes depend on it
         ks = torch.arange(1, steps + 1, device=device)

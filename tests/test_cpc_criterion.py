@@ -180,6 +180,12 @@ def _global_worker(rank: int, folder: str) -> None:
                     results[case, dtype_name, sim] = dict(
                         loss=out.loss.detach(), step_loss=out.step_loss, acc=out.step_accuracy,
                         queries=out.step_queries, g_pred=g_pred, g_z=g_z)
+        # ranks that disagree on C: a ValueError on every rank, no hang
+        try:
+            CPCCriterion("global")(torch.randn(3, 2, 6, 4 + rank), torch.randn(2, 6, 4 + rank))
+            results["mismatch"] = None
+        except ValueError as err:
+            results["mismatch"] = str(err)
         # a DDP model: its averaged parameter gradients, and the parameters after one step
         model = _tiny_model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -259,3 +265,10 @@ def test_global_under_ddp_gives_the_one_process_gradient(global_ranks):
             _close(res["ddp"][name], p.grad, 1e-10, f"rank {r}: gradient of {name}")
     for name in global_ranks[0]["ddp params"]:
         assert torch.equal(global_ranks[0]["ddp params"][name], global_ranks[1]["ddp params"][name]), name
+
+
+def test_global_ranks_with_different_features_raise_on_every_rank(global_ranks):
+    for r, res in enumerate(global_ranks):
+        assert res["mismatch"] is not None, f"rank {r} did not raise"
+        assert f"predictions.shape=(3, 2, 6, {4 + r}) on rank {r}" in res["mismatch"]
+        assert "[(3, 4), (3, 5)]" in res["mismatch"], res["mismatch"]

@@ -122,10 +122,16 @@ def test_bad_negatives_in_config_named_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (all sockets held open while picking)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _spawn(fn, args, nprocs: int, seconds: float) -> None:
@@ -141,11 +147,15 @@ def _spawn(fn, args, nprocs: int, seconds: float) -> None:
             pytest.fail(f"the {nprocs} gloo processes did not finish within {seconds:.0f} s (a hang)")
 
 
-def _ddp_worker(rank, world, port, runs):
+def _ddp_worker(rank, world, runs):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
-    for argv in runs:  # one process start for every run: each run() sets the group up and down
+    # one process start for every run; each run() sets its process group up and tears it down,
+    # on a port of its own (a new group on the previous run's port can hang in gloo's
+    # rendezvous)
+    for port, argv in runs:
+        os.environ["MASTER_PORT"] = str(port)
         result = run(argv)
         torch.save({"world_size": result["summary"]["world_size"],
                     "model": result["model"].state_dict()},
@@ -159,7 +169,7 @@ def test_two_process_gloo_ddp(tmp_path):
                         "--steps", "2", "--quiet", "--no-probes", "--device", "cpu",
                         "--negatives", negatives]
             for negatives in ("speaker", "global")}
-    _spawn(_ddp_worker, (2, _free_port(), list(runs.values())), nprocs=2, seconds=240)
+    _spawn(_ddp_worker, (2, list(zip(_free_ports(len(runs)), runs.values()))), nprocs=2, seconds=240)
     for negatives in runs:
         out = tmp_path / negatives
         ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
