@@ -325,16 +325,16 @@ def _worker(rank: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(folder: Path) -> list[dict]:
-    ctx = mp.spawn(_worker, args=(str(folder),), nprocs=PROCESSES, join=False)
+def _spawn(folder: Path, worker=_worker, nprocs: int = PROCESSES) -> list[dict]:
+    ctx = mp.spawn(worker, args=(str(folder),), nprocs=nprocs, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
-            pytest.fail(f"{PROCESSES} gloo processes did not finish within {SPAWN_TIMEOUT_S:.0f} s (a hang)")
-    return [torch.load(folder / f"rank{r}.pt") for r in range(PROCESSES)]
+            pytest.fail(f"{nprocs} gloo processes did not finish within {SPAWN_TIMEOUT_S:.0f} s (a hang)")
+    return [torch.load(folder / f"rank{r}.pt") for r in range(nprocs)]
 
 
 @pytest.fixture(scope="module")
@@ -423,3 +423,29 @@ def test_different_shapes_raise_on_every_rank(job, group):
                     f"rank {r} raised {got['raised']}: {got['message']}"
                 assert got["message"].startswith(f"{arg} must have the same shape on every rank"), got["message"]
                 assert str(shapes) in got["message"], f"{got['message']!r} does not list every rank's shape {shapes}"
+
+
+def _ndim_worker(rank: int, folder: str) -> None:
+    """SupCon with (N, V, D) features on rank 0 and (N, D) on rank 1."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    result = {"raised": None, "message": ""}
+    try:
+        features = torch.randn(4, 2, D) if rank == 0 else torch.randn(4, D)
+        F.supcon(features, torch.arange(4) % 2, process_group=dist.group.WORLD, **BW)
+    except Exception as err:
+        result = {"raised": type(err).__name__, "message": str(err)}
+    finally:
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.mark.xfail(strict=True, reason="csrc_triton.distributed.check_same_shape all-gathers shape vectors "
+                   "of each rank's own length: ranks whose tensors differ in ndim make gloo abort a process "
+                   "(SIGABRT) instead of raising ValueError (reported to the lead)")
+def test_different_ndim_raises_on_every_rank(tmp_path):
+    ranks = _spawn(tmp_path, _ndim_worker, nprocs=2)
+    for r, got in enumerate(ranks):
+        assert got["raised"] == "ValueError", f"rank {r} raised {got['raised']}: {got['message']}"
+        assert got["message"].startswith("features must have the same shape on every rank"), got["message"]
