@@ -40,8 +40,12 @@ where a term whose upstream gradient is 0 contributes exactly 0 (also where its 
 
     dq = s G k,   dk = s G^T q,   dscale = sum_ij G_ij (q_i . k_j),   dbias_j = sum_i G_ij.
 
-Every term is summed in the accumulation dtype before the single cast of dq/dk to the input
-dtype (so the positive terms cancel the softmax terms before any 16-bit rounding).
+Every term of G is summed in the accumulation dtype (so the positive terms cancel the softmax
+terms before any 16-bit rounding), and dq/dk are accumulated in it and cast once. The CPU
+backends also multiply G by k and q in the accumulation dtype; the Triton kernels round G to a
+16-bit input dtype for the tensor-core products, as PyTorch's own 16-bit backward rounds the
+softmax gradient (so 16-bit Triton gradients are held to "no worse than PyTorch in that
+dtype", the CPU backends to one rounding).
 ``needs_dq``/``needs_dk``/``needs_dbias`` False: that output is not computed (returned as None)
 and its workspace is not allocated. ``deterministic``: dq, dk, dscale and dbias are bitwise
 reproducible run to run (no floating-point atomics); the CPU backends always are.

@@ -278,6 +278,8 @@ def n_pair(
                + l2_reg * mean over the 2N embeddings of |f|^2
 
     The first term is InfoNCE at temperature 1 over the in-batch positives (one tiled pass).
+    16-bit inputs are computed in float32, so the two terms' gradients are summed before the
+    one rounding to the input dtype.
 
     Args:
         anchors, positives: (N, D), row i of each a positive pair (one pair per class).
@@ -309,7 +311,9 @@ def uniformity(
     as one tiled pass of the engine (scale 2t, column bias -t|x_j|^2, the row term -t|x_i|^2
     added after), so it runs on 10^6 embeddings in O(N D) memory. The rows are used as given
     (Wang and Isola apply it to L2-normalised features: normalise first). With a process group,
-    every rank returns the uniformity of the global batch.
+    every rank returns the uniformity of the global batch. 16-bit inputs are computed in
+    float32: x enters as queries, keys, bias and row term, whose gradients largely cancel, and
+    they must be summed before the one rounding to the input dtype.
 
     Args:
         x: (N, D), N >= 2 (over the whole group).
