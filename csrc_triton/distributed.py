@@ -27,6 +27,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+_MAX_DIMS = 8
+
+
 def world(group: object | None) -> tuple[int, int]:
     """(rank, world size) of this process in ``group``; (0, 1) without one."""
     if group is None:
@@ -47,10 +50,15 @@ def check_same_shape(name: str, x: Tensor, group: object | None) -> None:
     _, size = world(group)
     if size == 1:
         return
-    mine = torch.tensor(list(x.shape), dtype=torch.int64, device=x.device)
+    if x.dim() > _MAX_DIMS:
+        raise ValueError(f"{name} has {x.dim()} dimensions; at most {_MAX_DIMS} are supported")
+    # a fixed-length descriptor (ndim, shape, zero padding): ranks passing tensors of different
+    # numbers of dimensions must still exchange tensors of one size, or the collective aborts
+    mine = torch.tensor([x.dim(), *x.shape] + [0] * (_MAX_DIMS - x.dim()), dtype=torch.int64, device=x.device)
     shapes = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(shapes, mine, group=group)
-    seen = [tuple(int(v) for v in s) for s in shapes]  # one host sync per call: the shape check
+    # one host sync per call: the shape check
+    seen = [tuple(int(v) for v in s[1: 1 + int(s[0])]) for s in shapes]
     if len(set(seen)) != 1:
         raise ValueError(
             f"{name} must have the same shape on every rank of the process group (B rows, D features); "

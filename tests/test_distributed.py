@@ -441,9 +441,6 @@ def _ndim_worker(rank: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.xfail(strict=True, reason="csrc_triton.distributed.check_same_shape all-gathers shape vectors "
-                   "of each rank's own length: ranks whose tensors differ in ndim make gloo abort a process "
-                   "(SIGABRT) instead of raising ValueError (reported to the lead)")
 def test_different_ndim_raises_on_every_rank(tmp_path):
     ranks = _spawn(tmp_path, _ndim_worker, nprocs=2)
     for r, got in enumerate(ranks):
