@@ -30,43 +30,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed
+from . import distributed, ops
+from .ops import _no_autocast
 from ._alloc import empty
 from ._numerics import acc_dtype
 from .distances import DistanceBackend, load
 
-BACKENDS = ("auto", "triton", "blockwise", "dense")
 MININGS = ("batch_hard", "batch_all", "semi_hard")
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
-    """"auto" -> "triton" on CUDA, "blockwise" elsewhere; checks what "triton" can run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":  # float64 is not a Triton dtype: blockwise
-        return "triton" if x.device.type == "cuda" and x.dtype != torch.float64 else "blockwise"
-    if backend == "triton":
-        if x.dtype == torch.float64:
-            raise TypeError(
-                "backend='triton' supports float32, bfloat16 and float16 embeddings, got float64; "
-                "use backend='blockwise' or 'dense' (or 'auto') for float64"
-            )
-        if x.device.type != "cuda" and x.device.type != "meta" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                f"backend='triton' got tensors on device {x.device.type!r}: the Triton kernels need a "
-                "CUDA device, or Triton's interpreter (TRITON_INTERPRET=1 set before Triton is "
-                "imported). Use backend='blockwise' on CPU."
-            )
-    return backend
+    """The engine's one rule (:func:`csrc_triton.ops.resolve_backend`) for ``x``'s device and dtype."""
+    return ops.resolve_backend(backend, x.device, x.dtype)
 
 
 def _backend(backend: str, x: Tensor) -> DistanceBackend:
     return load(resolve_backend(backend, x))
-
-
-def _no_autocast(device: torch.device):
-    # The backends choose their own precision (float32 accumulation).
-    return torch.autocast(device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------------------------

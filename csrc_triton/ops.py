@@ -42,7 +42,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
                 "backend='triton' supports float32, bfloat16 and float16 features, got float64; "
                 "use backend='blockwise' or 'dense' (or 'auto') for float64"
             )
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # meta: fake tensors while tracing (torch.compile, opcheck) take the path they will run
+        if device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
                 f"backend='triton' got tensors on device {device.type!r}: the Triton kernels need a "
                 "CUDA device, or Triton's interpreter, enabled by setting TRITON_INTERPRET=1 in the "
