@@ -1,44 +1,45 @@
 """Tile configurations for the LSE kernels in :mod:`csrc_triton.triton_lse`.
 
-One forward and one backward configuration per (device family, input dtype). The numbers are
-chosen from the resource budget of each architecture, and checked without a GPU by
-:mod:`csrc_triton.static_check` (registers, spills, shared memory, ``wgmma`` use on sm_90).
+Per (device family, input dtype family): a forward configuration for row statistics only, one
+for the heavier forward variants (column statistics and/or positives by labels), and a backward
+configuration. Every variant the launchers can produce is compiled without a GPU by
+:mod:`csrc_triton.static_check` (registers, spills, shared memory, ``wgmma`` use on sm_90); the
+full sm_90 table is in docs/kernels.md. Every shipped sm_90 variant compiles with zero spills.
 
-Why these sizes
----------------
-Forward (one program = one BLOCK_M x BLOCK_N tile row, looping over column tiles and, inside,
-over D in BLOCK_D chunks):
+Why these sizes (sm_90)
+-----------------------
+Forward (a program walks a rectangle of BLOCK_M x BLOCK_N tiles, D in BLOCK_D chunks):
 
-* Hopper (sm_90): the tile product runs on ``wgmma``. A warpgroup is 4 warps and one
-  ``wgmma`` instruction covers 64 rows of the output, so BLOCK_M must be a multiple of 64 and
-  ``num_warps`` a multiple of 4. With BLOCK_M = BLOCK_N = 128 and 8 warps (2 warpgroups,
-  64 rows each) the fp32 accumulator is 128*128*4 B / 256 threads = 64 registers per thread;
-  the online log-sum-exp adds the exp'd tile for the row and for the column statistics, which
-  fills the 255-register budget of 8 warps exactly, without spills. Each pipeline stage holds
-  a Q chunk (128 x 64) and a K chunk (64 x 128) in bf16/fp16: 32 KiB, so 3 stages use 96 KiB
-  of the 228 KiB of shared memory. BLOCK_D = 64 bf16 = 128 B rows: the 128-byte swizzle
-  that wgmma's shared-memory operands want.
-* Ampere (sm_80): ``mma.sync`` with 16 x 8 x 16 fragments; no warpgroup constraint. 128 x 64
-  tiles with 8 warps and 3 stages (16 KiB per stage, 48 KiB of the 164 KiB), 184 registers.
+* The tile product runs on ``wgmma``: a warpgroup is 4 warps and one instruction covers 64 rows,
+  so BLOCK_M is a multiple of 64 and ``num_warps`` of 4. BLOCK_D = 64 bf16 = 128-byte rows, the
+  swizzle wgmma's shared-memory operands want.
+* Row statistics only: 128 x 128 with 8 warps: the fp32 accumulator is 64 registers per
+  thread, the exponentiated tile as many again; 250 registers, 96 KiB of shared memory for 3
+  stages.
+* Column statistics or labels: every per-column vector costs as many registers per thread as
+  the tile has columns per thread (32 at BLOCK_N = 128), and the column merge keeps five of them
+  live; at 128 x 128 these variants spilled 60-236 bytes, at 128 x 64 they use 220-247
+  registers and 72 KiB.
 * fp32 inputs are multiplied in IEEE fp32 (``input_precision="ieee"``) so that results match
-  PyTorch's fp32 matmul; that path uses FMA, not tensor cores, so smaller tiles (64 x 64,
-  BLOCK_D = 32) keep the register file and shared memory (4 B per element) in budget.
+  PyTorch's fp32 matmul; that path uses FMA units, not tensor cores: 64 x 64 x 32 tiles.
 
-Backward (one program = one column block of BLOCK_N keys and one BLOCK_DO-wide chunk of the
-output D, looping over row blocks): it holds the dK accumulator (BLOCK_N x BLOCK_DO fp32), the
-K chunk used for dQ (BLOCK_N x BLOCK_DO) and the recomputed S tile (BLOCK_M x BLOCK_N fp32) at
-the same time, plus the dQ contribution tile before its atomic add, so it uses 64 x 64 S tiles
-on Hopper (64 rows = one ``wgmma`` slab; BLOCK_N = 64 is also the M side of the dK = G^T Q
-product) and BLOCK_DO = 128. Each extra D chunk of the output repeats the S recompute (see the
-FLOP count in :mod:`csrc_triton.triton_lse`), so BLOCK_DO is as large as registers allow
-without spilling (256 spills). For D > 2 * BLOCK_DO the "wide" variant of the same kernel, with
-the same tiles, loops over the output D inside the program instead (no recompute; dK added
-atomically): on sm_90 it needs 230 registers and 144 KiB of shared memory (its inner loop is
-pipelined too), without spills.
+Backward (a program owns BLOCK_N keys, or BLOCK_M queries in the "rows" kernel, and one
+BLOCK_DO-wide chunk of the output D): it holds the output accumulator (64 x 128 fp32), the
+recomputed tile and G, so 64 x 64 tiles (64 rows = one ``wgmma`` slab, and the M side of the
+dK = G^T Q product). Each extra output chunk repeats the recompute (FLOP count in
+:mod:`csrc_triton.triton_lse`), so BLOCK_DO is as large as registers allow: 128. The "wide" form
+(D > 2 BLOCK_DO) loops over the output D inside the program with ``block_do_wide`` = 64: at 128
+its labels variant spilled 20 bytes. fp32: 64 x 64 x 32 with BLOCK_DO = 32 and 2 stages; with
+one stage ``ptxas`` capped some variants at 64-128 registers and spilled.
 
-Interpreter (``TRITON_INTERPRET=1`` on CPU): 16 x 16 S tiles, the smallest ``tl.dot`` accepts,
-so tests exercise many tiles, masks and the cross-program merges; the interpreter's cost is per
-executed operation, so BLOCK_D = 32 and BLOCK_DO = 64 keep the D loops short.
+sm_80 (``python -m csrc_triton.static_check --arch 80``): bf16/fp16 compile without spills
+(``block_do_wide`` = 64 as on sm_90; at 128 the wide form spilled 150-220 bytes); fp32 still
+spills 4-16 bytes in 7 of its 48 variants, where ``ptxas`` caps registers at 128-168 on its own
+(no tile shape tried removed all of them). The generic configurations are not checked.
+
+Interpreter (``TRITON_INTERPRET=1`` on CPU): 16 x 16 tiles, the smallest ``tl.dot`` accepts, so
+tests exercise many tiles, masks and the cross-program merges; the interpreter's cost is per
+executed operation, so BLOCK_D = 32 and BLOCK_DO = 64 (32 wide) keep the D loops short.
 """
 from __future__ import annotations
 
@@ -119,12 +120,13 @@ CONFIGS: dict[str, TileConfigs] = {
     "sm80-16": TileConfigs(
         ForwardConfig(block_m=128, block_n=64, block_d=64, num_warps=8, num_stages=3, min_programs=216),
         BackwardConfig(block_m=32, block_n=64, block_d=64, block_do=128, num_warps=8, num_stages=2,
-                       min_programs=216),
+                       min_programs=216, block_do_wide=64),
     ),
     "sm80-32": TileConfigs(
         ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2, min_programs=216),
-        BackwardConfig(block_m=32, block_n=64, block_d=32, block_do=64, num_warps=8, num_stages=1,
+        BackwardConfig(block_m=64, block_n=64, block_d=32, block_do=32, num_warps=8, num_stages=2,
                        min_programs=216),
+        ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=8, num_stages=2, min_programs=216),
     ),
     # Other CUDA devices (Turing, consumer parts with ~100 KiB of shared memory): conservative.
     "generic-16": TileConfigs(

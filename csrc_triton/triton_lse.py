@@ -17,7 +17,7 @@ Two small kernels merge the partials in a fixed order and write lse = ln2 (m + l
 Merging (m1, l1) with (m2, l2) is exact whatever the scale (no fixed shift, which would not be
 safe for a learnable scale): m = max(m1, m2), l = l1 2^(m1 - m) + l2 2^(m2 - m).
 Workspaces: 8 (g_c N + g_r M) bytes with g_r g_c ~ min_programs and g_r ~ sqrt(P N / M), i.e.
-about 16 sqrt(P N M) bytes (P = 264: ~1.1 GB at N = M = 4,194,304; 34 MB at N = M = 65,536).
+about 16 sqrt(P N M) bytes (P = 264: ~1.1 GB at N = M = 4,194,304; 17 MB at N = M = 65,536).
 
 Positives in the forward:
   * labels: positive_sum and the masked online (max, sum) of positive_lse are accumulated in the
