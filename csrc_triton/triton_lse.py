@@ -880,9 +880,10 @@ def _positive_mode(positive_index, row_labels, col_labels, n, m, device) -> tupl
 
 
 def _tile_safe(x: Tensor, block_rows: int) -> Tensor:
-    """x itself, unless its strides could overflow the kernels' int32 offsets inside a block of
-    rows (local row * stride(0) + column * stride(1), column < D): then a contiguous copy."""
-    if (block_rows - 1) * x.stride(0) + (x.shape[1] - 1) * x.stride(1) >= _INT32_LIMIT:
+    """x itself, unless its strides could overflow the kernels' int32 offsets: inside a block of
+    rows (local row * stride(0) + column * stride(1), column < max(D, 128) counting the masked
+    tail of a D chunk) and the block step (block_rows * stride(0)); then a contiguous copy."""
+    if block_rows * x.stride(0) + max(x.shape[1], 128) * x.stride(1) >= _INT32_LIMIT:
         return x.contiguous()
     return x
 
