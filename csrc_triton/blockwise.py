@@ -30,6 +30,7 @@ from torch import Tensor
 from ._alloc import empty
 from ._numerics import acc_dtype, finite_or_zero
 from .backend import LseGrads, LseStats
+from .positives import class_ranges, class_slots
 
 #: Elements of the (rows x cols) tile buffers, all together. With the two buffers of the usual
 #: case that is 2 x 4 x 2^23 bytes (64 MiB) at most, whatever N and M are.
@@ -102,24 +103,18 @@ def positive_columns(
     order (binary search). K, the largest run, is read on the host: one synchronisation per call
     on a GPU (the Triton backend, not this one, is the GPU path).
     """
-    rows = torch.arange(n, device=device)
     if positive_index is not None:
         cols = positive_index.to(torch.int64)[:, None]
         valid = (cols >= 0) & (cols < m)
-    else:
-        order = torch.argsort(col_labels, stable=True)
-        ordered = col_labels[order]
-        first = torch.searchsorted(ordered, row_labels)
-        count = torch.searchsorted(ordered, row_labels, right=True) - first
-        k_max = int(count.max()) if n else 0
-        if k_max > MAX_LISTED_POSITIVES or n * k_max > LIST_ELEMENTS:
-            return None
-        t = torch.arange(k_max, device=device)
-        valid = t[None, :] < count[:, None]
-        cols = order[(first[:, None] + t[None, :]).clamp(max=max(m - 1, 0))] if m else first[:, None] + t[None, :]
-    if self_offset is not None:
-        valid = valid & (cols != rows[:, None] + self_offset)
-    return torch.where(valid, cols, 0), valid
+        if self_offset is not None:
+            valid = valid & (cols != torch.arange(n, device=device)[:, None] + self_offset)
+        return torch.where(valid, cols, 0), valid
+    ranges = class_ranges(row_labels, col_labels, self_offset)
+    k_max = int(ranges.count.max()) if n else 0
+    if k_max > MAX_LISTED_POSITIVES or n * k_max > LIST_ELEMENTS:
+        return None
+    pos, _, positive = class_slots(ranges, k_max)
+    return torch.where(positive, ranges.perm[pos], 0), positive
 
 
 class _Tiles:

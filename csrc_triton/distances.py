@@ -83,6 +83,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .positives import ClassRanges, class_ranges, class_slots  # noqa: F401  (re-exported)
+
 from ._alloc import empty
 from ._numerics import acc_dtype
 
@@ -165,45 +167,11 @@ def load(name: str) -> DistanceBackend:
 # --------------------------------------------------------------------------------------------
 # Label structure, O(M log M): no N x M mask is ever built for it
 # --------------------------------------------------------------------------------------------
-class ClassRanges(NamedTuple):
-    perm: Tensor  # (M,) candidates in label order (stable: ascending index within a class)
-    lo: Tensor  # (N,) first position of row i's class in that order
-    count: Tensor  # (N,) size of row i's class among the candidates
-    self_sorted: Tensor  # (N,) position of row i's own candidate in that order, -1 if none
-
-
-def class_ranges(row_labels: Tensor, col_labels: Tensor, self_offset: int | None) -> ClassRanges:
-    sorted_labels, perm = torch.sort(col_labels, stable=True)
-    lo = torch.searchsorted(sorted_labels, row_labels)
-    hi = torch.searchsorted(sorted_labels, row_labels, right=True)
-    n, m = row_labels.shape[0], col_labels.shape[0]
-    if self_offset is None:
-        self_sorted = torch.full((n,), -1, dtype=torch.int64, device=row_labels.device)
-    else:
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(m, device=perm.device)
-        own = torch.arange(n, device=perm.device) + self_offset
-        self_sorted = torch.where(own < m, inv[own.clamp(max=m - 1)], -1)
-    return ClassRanges(perm, lo, hi - lo, self_sorted)
-
-
 def label_counts(row_labels: Tensor, col_labels: Tensor, self_offset: int | None) -> tuple[Tensor, Tensor]:
     """(|P(i)|, |N(i)|) per anchor, int64 (N,), from sorted labels."""
     r = class_ranges(row_labels, col_labels, self_offset)
     n_pos = r.count - (r.self_sorted >= 0).to(torch.int64)
     return n_pos, col_labels.shape[0] - r.count
-
-
-def class_slots(r: ClassRanges, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Positions (in label order) of every anchor's class, padded to k slots.
-
-    Returns (pos (N, k) int64 position, always a valid in-class position; in_class (N, k)
-    bool, slot inside the class; positive (N, k) bool, in_class and not the anchor itself).
-    """
-    slot = torch.arange(k, device=r.lo.device)
-    in_class = slot[None, :] < r.count[:, None]
-    pos = torch.where(in_class, r.lo[:, None] + slot[None, :], r.lo[:, None])
-    return pos, in_class, in_class & (pos != r.self_sorted[:, None])
 
 
 def max_class_count(r: ClassRanges) -> int:
