@@ -301,7 +301,7 @@ def lse_backward(
 ) -> LseGrads:
     wants_pos = grad_positive_sum is not None or grad_positive_lse is not None
     t = _Tiles(q, k, scale, col_bias, self_offset, positive_index, row_labels, col_labels, with_positives=wants_pos)
-    n, m, d, acc, device, qa = t.n, t.m, q.shape[1], t.acc, q.device, t.qa
+    m, d, acc, device, qa = t.m, q.shape[1], t.acc, q.device, t.qa
 
     row_shift, g_row, row_floor = _fold_grad(finite_or_zero(stats.row_lse.to(acc)), grad_row.to(acc))
     if grad_col is not None:

@@ -24,7 +24,6 @@ for the public, validated functions and the distributed convention).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -277,20 +276,6 @@ def _global_batch(embeddings: Tensor, labels: Tensor, distance: str, group: obje
     return x, y, col_labels, rank * x.shape[0], size
 
 
-def _reduce(per_item: Tensor, reduction: str, normaliser: Tensor | None, size: int, group: object | None) -> Tensor:
-    """The scaling convention of :mod:`csrc_triton.distributed`: R * local terms / global
-    normaliser for "mean", R * local sum for "sum", the local terms for "none"."""
-    if reduction == "none":
-        return per_item
-    total = per_item.sum()
-    if size > 1:
-        total = total * size
-    if reduction == "sum":
-        return total
-    norm = distributed.all_reduce_sum(normaliser, group).to(total.dtype)
-    return total / norm.clamp(min=1)
-
-
 def triplet_margin_impl(
     embeddings: Tensor,
     labels: Tensor,
@@ -303,12 +288,12 @@ def triplet_margin_impl(
     process_group: object | None = None,
 ) -> Tensor:
     acc = acc_dtype(embeddings)
-    x, y, col_labels, self_offset, size = _global_batch(embeddings, labels, distance, process_group)
+    x, y, col_labels, self_offset, _ = _global_batch(embeddings, labels, distance, process_group)
     if mining == "batch_all":
         loss_sum, active = torch.ops.contrastive.triplet_batch_all(
             x, y, labels, col_labels, self_offset, float(margin), distance, backend
         )
-        return _reduce(loss_sum, reduction, active.sum(), size, process_group)
+        return distributed.reduce(loss_sum, reduction, process_group, local_count=active.sum())
 
     xa = x.to(acc)
     ya = xa if y is None else y.to(acc)  # one cast: the gradients meet in float32
@@ -339,7 +324,7 @@ def triplet_margin_impl(
     else:
         per = torch.where(valid, per, torch.zeros_like(per))
         count = valid.sum()
-    return _reduce(per, reduction, count, size, process_group)
+    return distributed.reduce(per, reduction, process_group, local_count=count)
 
 
 def _class_scatter_index(sorted_labels: Tensor, labels: Tensor) -> Tensor:
@@ -360,7 +345,7 @@ def drlim_impl(
     # Both halves send gradients to the rows: they must meet in float32 (one rounding of a
     # 16-bit gradient, not two), so the rows go to the accumulation dtype first and the
     # dissimilar op runs on them (float32 tiles for 16-bit inputs).
-    x, y, col_labels, _, size = _global_batch(embeddings.to(acc), labels, "euclidean", process_group)
+    x, y, col_labels, _, _ = _global_batch(embeddings.to(acc), labels, "euclidean", process_group)
     xa = x.to(acc)
     ya = xa if y is None else y.to(acc)
     m = ya.shape[0]
@@ -381,7 +366,7 @@ def drlim_impl(
     per_anchor = similar + dissimilar
     # N(N - 1) ordered pairs of the global batch: every rank knows it, no all-reduce needed
     pairs = torch.tensor(m * (m - 1), dtype=torch.int64, device=x.device)
-    return _reduce(per_anchor, reduction, pairs, size, None)
+    return distributed.reduce(per_anchor, reduction, process_group, global_count=pairs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,6 +149,21 @@ def merge_lse(partial_lse: Tensor, group: object | None) -> Tensor:
     return shift + total.log()
 
 
+def reduce(per_item: Tensor, reduction: str, group: object | None, *, local_count: Tensor | None = None,
+           global_count: Tensor | None = None) -> Tensor:
+    """The scaling convention above, for every loss: "none" gives this rank's own terms; "sum"
+    R * their sum; "mean" R * their sum / the global normaliser (0 if it is 0), which is either
+    ``global_count`` (known on every rank) or the all-reduced ``local_count``."""
+    if reduction == "none":
+        return per_item
+    size = world(group)[1]
+    total = per_item.sum() * size if size > 1 else per_item.sum()
+    if reduction == "sum":
+        return total
+    count = global_count if global_count is not None else all_reduce_sum(local_count, group)
+    return total / count.to(total.dtype).clamp(min=1)
+
+
 def global_scale(group: object | None) -> int:
     """R: the factor of the scaling convention (see the module docstring)."""
     return world(group)[1]

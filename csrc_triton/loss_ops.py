@@ -47,15 +47,9 @@ def _reduce(per_item: Tensor, reduction: str, world_size: int = 1) -> Tensor:
 
 def _masked_mean(per_item: Tensor, keep: Tensor, reduction: str, group: object | None) -> Tensor:
     """Mean over the items with ``keep`` across the group (0 if none), or their sum, or the
-    items with 0 where not kept."""
+    items with 0 where not kept (the convention of :func:`csrc_triton.distributed.reduce`)."""
     per_item = torch.where(keep, per_item, torch.zeros_like(per_item))
-    if reduction == "none":
-        return per_item
-    size = dist_.world(group)[1]
-    if reduction == "sum":
-        return per_item.sum() * size
-    count = dist_.all_reduce_sum(keep.sum().to(per_item.dtype), group)
-    return per_item.sum() * size / count.clamp(min=1)
+    return dist_.reduce(per_item, reduction, group, local_count=keep.sum())
 
 
 def _unit(x: Tensor) -> Tensor:
