@@ -162,8 +162,3 @@ def reduce(per_item: Tensor, reduction: str, group: object | None, *, local_coun
         return total
     count = global_count if global_count is not None else all_reduce_sum(local_count, group)
     return total / count.to(total.dtype).clamp(min=1)
-
-
-def global_scale(group: object | None) -> int:
-    """R: the factor of the scaling convention (see the module docstring)."""
-    return world(group)[1]
