@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cpc.config import preset_values
+from recipes.cpc_config import preset_values
 from cpc.criterion import CPCCriterion
 from cpc.model import CPCModel, CPCModelConfig, count_parameters, encoder_flops
 from recipes.common.logging import format_table

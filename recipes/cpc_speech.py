@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 -m recipes.cpc_speech --data ... --device cuda
 
 With no arguments the run generates the synthetic corpus in ``<out>/corpus``, resolves the
-``auto`` preset to ``cpu-quick`` on a CPU (printed at start; see :mod:`cpc.config`), trains for
+``auto`` preset to ``cpu-quick`` on a CPU (printed at start; see :mod:`recipes.cpc_config`), trains for
 at most ``train_seconds``, probes, prints the table and writes the plots: about 10 minutes on
 2 CPU cores.
 
@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import torch
 
-from cpc.config import CPCSpeechConfig, build_config, read_config_file
+from recipes.cpc_config import CPCSpeechConfig, build_config, read_config_file
 from cpc.criterion import CPCCriterion
 from cpc.data import (BadAudioError, SpeakerBalancedBatchSampler, WindowDataset, load_utterances,
                       resolve_utterances)

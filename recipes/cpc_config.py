@@ -20,13 +20,13 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .model import CPCModelConfig
-from .probes import ProbeConfig
+from cpc.model import CPCModelConfig
+from cpc.probes import ProbeConfig
+from recipes.common.config import apply_values as _apply
+from recipes.common.config import read_config_file  # noqa: F401  (the recipe imports it from here)
 
 PRESETS = ("auto", "paper", "cpu-quick")
 
@@ -98,38 +98,6 @@ def preset_values(name: str) -> dict[str, Any]:
     raise ValueError(f"preset={name!r}: expected one of {PRESETS}")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config={str(path)!r}: no such file (expected YAML or JSON)")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
-
-        values = yaml.safe_load(text) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"config={str(path)!r}: expected a mapping at the top level, got "
-                         f"{type(values).__name__}")
-    return values
-
-
-def _apply(target: Any, values: dict[str, Any], where: str) -> None:
-    names = {f.name: f for f in dataclasses.fields(target)}
-    for key, value in values.items():
-        if key not in names:
-            raise ValueError(f"{where}{key}={value!r}: unknown setting; expected one of "
-                             f"{sorted(names)}")
-        current = getattr(target, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}{key}={value!r}: expected a mapping")
-            _apply(current, value, f"{where}{key}.")
-        else:
-            setattr(target, key, value)
-
-
 def build_config(file_values: dict[str, Any] | None = None,
                  overrides: dict[str, Any] | None = None, *, cuda: bool = False
                  ) -> CPCSpeechConfig:
@@ -156,7 +124,7 @@ def build_config(file_values: dict[str, Any] | None = None,
 
 
 def validate(config: CPCSpeechConfig) -> None:
-    from .criterion import NEGATIVE_MODES
+    from cpc.criterion import NEGATIVE_MODES
 
     positive = ("steps", "batch_size", "speakers_per_batch", "window", "log_every",
                 "checkpoint_every", "corpus_speakers", "corpus_utterances")

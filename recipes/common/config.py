@@ -1,0 +1,71 @@
+"""Run configuration shared by the recipes: a dataclass filled from a preset, then a YAML/JSON
+``--config`` file, then command-line flags (later wins), printed at start and saved with the run
+and in every checkpoint; and the comparison ``--resume`` makes between a saved configuration and
+the one asked for."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a ``.json`` file, or in a YAML file (any other suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r}: no such file (expected YAML or JSON)")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config={str(path)!r}: expected a mapping at the top level, got "
+                         f"{type(values).__name__}")
+    return values
+
+
+def apply_values(target: Any, values: dict[str, Any], where: str) -> None:
+    """Set the fields of dataclass ``target`` from ``values``; nested dataclasses take nested
+    mappings. An unknown key raises ``ValueError`` naming it (``where`` prefixes the name:
+    ``"--"``, ``"config."``, ``"preset."``)."""
+    names = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{where}{key}={value!r}: unknown setting; expected one of "
+                             f"{sorted(names)}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{key}={value!r}: expected a mapping")
+            apply_values(current, value, f"{where}{key}.")
+        else:
+            setattr(target, key, value)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """``(dotted name, saved value, current value)`` for every setting that differs between two
+    ``dataclasses.asdict`` configurations, nested mappings flattened; names in ``ignore`` (dotted)
+    are not compared (settings a resumed run may change, such as the step budget)."""
+    skip = set(ignore)
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}{key}.")
+            return
+        name = prefix[:-1]
+        if name in skip:
+            return
+        # JSON turns tuples into lists: compare as lists
+        norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+        if norm(a) != norm(b):
+            out.append((name, a, b))
+
+    walk(saved, current, "")
+    return out
