@@ -58,3 +58,77 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4f}"
     return str(value)
+
+
+class RunLog:
+    """What a run says while it works: lines printed (rank 0 only) and appended to a log file,
+    and a progress display that is a tqdm bar on a terminal and, elsewhere (a file, a pipe, a
+    CI log), one plain line every ``every`` updates instead of carriage-return redraws."""
+
+    def __init__(self, path: str | os.PathLike | None, *, enabled: bool = True,
+                 quiet: bool = False) -> None:
+        self.path = Path(path) if path is not None else None
+        self.enabled = enabled
+        self.quiet = quiet
+
+    def __call__(self, *parts: Any) -> None:
+        if not self.enabled:
+            return
+        text = " ".join(str(p) for p in parts)
+        print(text, flush=True)
+        self.write_file(text)
+
+    def write_file(self, text: str) -> None:
+        if self.enabled and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(text + "\n")
+
+    def progress(self, total: int, desc: str, *, initial: int = 0, unit: str = "step",
+                 every: int = 0) -> "Progress":
+        return Progress(self, total, desc, initial=initial, unit=unit, every=every)
+
+
+class Progress:
+    """``update(n, **postfix)``, ``close()``. A tqdm bar when stdout is a terminal; otherwise a
+    plain ``desc: i/total key=value`` line every ``every`` updates (default: about 20 lines per
+    run), printed and written to the run's log file."""
+
+    def __init__(self, log: RunLog, total: int, desc: str, *, initial: int = 0,
+                 unit: str = "step", every: int = 0) -> None:
+        import sys
+
+        self.log, self.total, self.desc, self.n = log, total, desc, initial
+        self.every = every or max(1, total // 20)
+        self.bar = None
+        self.active = log.enabled and not log.quiet
+        if self.active and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                            dynamic_ncols=True)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.n += n
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+            if self.n % self.every == 0 or self.n == self.total:
+                self.log.write_file(self._line(postfix))
+        elif self.n % self.every == 0 or self.n == self.total:
+            self.log(self._line(postfix))
+
+    def _line(self, postfix: dict[str, Any]) -> str:
+        extra = " ".join(f"{k}={_short(v)}" for k, v in postfix.items())
+        return f"{self.desc}: {self.n}/{self.total} {extra}".rstrip()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
