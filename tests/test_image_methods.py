@@ -129,6 +129,8 @@ def test_ema_target_changes_only_in_on_step_end(name):
         expected = m * before[t_key] + (1 - m) * online[key]
         torch.testing.assert_close(after[t_key], expected, rtol=1e-6, atol=1e-8)
         assert not torch.equal(after[t_key], before[t_key])
+    _, _, (_, stats) = _step(method, x, labels)
+    assert float(stats["momentum"]) == pytest.approx(m, rel=1e-14)  # the stat reports the last m
 
 
 def _unit_keys(method: Method, x) -> torch.Tensor:

@@ -56,12 +56,30 @@ class Backbone(nn.Module):
     map_strides: list[int]
     cifar_stem: bool
 
-    def forward_maps(self, x: Tensor) -> list[Tensor]:  # pragma: no cover - abstract
+    def _stem(self, x: Tensor) -> Tensor:
+        """What runs before the first map's stage (identity unless overridden)."""
+        return x
+
+    def _stages(self) -> list[nn.Module]:  # pragma: no cover - abstract
+        """The modules whose outputs are the maps, in order."""
         raise NotImplementedError
 
+    def forward_maps(self, x: Tensor) -> list[Tensor]:
+        """(n, 3, h, w) float images -> the feature maps, shallow to deep."""
+        x = self._stem(_check_images(x))
+        maps = []
+        for stage in self._stages():
+            x = stage(x)
+            maps.append(x)
+        return maps
+
     def forward(self, x: Tensor) -> Tensor:
-        """(n, 3, h, w) float images -> (n, feature_dim): the last map, averaged over positions."""
-        return self.forward_maps(x)[-1].mean(dim=(2, 3))
+        """(n, 3, h, w) float images -> (n, feature_dim): the last map, averaged over positions
+        (the earlier maps are not kept, so inference holds one map at a time)."""
+        x = self._stem(_check_images(x))
+        for stage in self._stages():
+            x = stage(x)
+        return x.mean(dim=(2, 3))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, feature_dim={self.feature_dim}, cifar_stem={self.cifar_stem}"
@@ -105,13 +123,8 @@ class SmallCNN(Backbone):
         self.map_strides = [first, 2 * first, 4 * first, 8 * first]
         self.feature_dim = channels[-1]
 
-    def forward_maps(self, x: Tensor) -> list[Tensor]:
-        _check_images(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return maps
+    def _stages(self) -> list[nn.Module]:
+        return list(self.stages)
 
 
 class ResNetBackbone(Backbone):
@@ -155,14 +168,11 @@ class ResNetBackbone(Backbone):
         last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
         return int(last_bn.num_features)
 
-    def forward_maps(self, x: Tensor) -> list[Tensor]:
-        _check_images(x)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        maps = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            maps.append(x)
-        return maps
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def _stages(self) -> list[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
 
 
 def build_backbone(name: str, *, cifar_stem: bool | None = None, width: int = 32) -> Backbone:

@@ -335,7 +335,8 @@ class _MomentumMethod(_ProjectionMethod):
     """A projection method with an EMA target copy of (encoder, projector): its parameters do not
     require gradients and change only in ``on_step_end``, by
     target <- m target + (1 - m) online, m = cosine_momentum(step, total_steps, momentum,
-    momentum_final). ``current_momentum`` is the last m used."""
+    momentum_final). The last m used is the buffer ``last_momentum`` (so a resumed run reports
+    the same), reported as the stat "momentum"."""
 
     uses_target = True
 
@@ -343,7 +344,15 @@ class _MomentumMethod(_ProjectionMethod):
         super().__init__(config, encoder)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.current_momentum = float(config.momentum)
+        self.register_buffer("last_momentum", torch.tensor(float(config.momentum), dtype=torch.float64))
+
+    @property
+    def current_momentum(self) -> float:
+        """The momentum of the last EMA update (``config.momentum`` before the first)."""
+        return float(self.last_momentum)
+
+    def _momentum_stats(self) -> dict[str, Tensor]:
+        return {"momentum": self.last_momentum.detach().clone()}
 
     def _target(self, x: Tensor) -> dict[str, Tensor]:
         feature = self.target_encoder(x)
@@ -353,7 +362,7 @@ class _MomentumMethod(_ProjectionMethod):
         m = cosine_momentum(step, total_steps, self.config.momentum, self.config.momentum_final)
         update_momentum(self.encoder, self.target_encoder, m)
         update_momentum(self.projector, self.target_projector, m)
-        self.current_momentum = m
+        self.last_momentum.fill_(m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +428,7 @@ class MoCo(_MomentumMethod):
         if self.config.moco_symmetric:
             value = (value + csrc_triton.info_nce(q2, k1, **opts)) / 2
         self._pending_keys = k2
-        return value, {}
+        return value, self._momentum_stats()
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
@@ -568,7 +577,7 @@ class BYOL(_MomentumMethod):
     def _loss(self, online, target, labels, n_views, batch):
         p1, p2 = self._views(online["prediction"], n_views)
         t1, t2 = self._views(target["projection"], n_views)
-        return csrc_triton.byol(p1, p2, t1, t2), {"momentum": self.current_momentum}
+        return csrc_triton.byol(p1, p2, t1, t2), self._momentum_stats()
 
 
 class SimSiam(_ProjectionMethod):
