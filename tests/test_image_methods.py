@@ -99,7 +99,8 @@ def test_step_gives_finite_loss_and_gradients_everywhere(name):
 @pytest.mark.parametrize("name", TARGET_METHODS)
 def test_ema_target_changes_only_in_on_step_end(name):
     method = _method(name, momentum=0.99, momentum_final=1.0)
-    for online_mod, target_mod in ((method.encoder, method.target_encoder), (method.projector, method.target_projector)):
+    pairs = ((method.encoder, method.target_encoder), (method.projector, method.target_projector))
+    for online_mod, target_mod in pairs:
         for (n1, p), (n2, t) in zip(online_mod.named_parameters(), target_mod.named_parameters()):
             assert n1 == n2 and torch.equal(p, t) and not t.requires_grad
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)

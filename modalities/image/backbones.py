@@ -17,7 +17,6 @@ convolution becomes a 3 x 3 stride-1 one and the max-pool is removed, so a 32 px
 """
 from __future__ import annotations
 
-import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -157,7 +156,7 @@ class ResNetBackbone(Backbone):
             net.maxpool = nn.Identity()
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.map_channels = [self._out_channels(layer) for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
+        self.map_channels = [self._out_channels(layer) for layer in self._stages()]
         first = 1 if cifar_stem else 4
         self.map_strides = [first, 2 * first, 4 * first, 8 * first]
         self.feature_dim = self.map_channels[-1]

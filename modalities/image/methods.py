@@ -274,7 +274,9 @@ class Method(nn.Module):
             raise TypeError(f"online must be the dict that forward returns, got {type(online).__name__}")
         missing = [k for k in self.online_keys if k not in online]
         if missing:
-            raise ValueError(f"online is missing {missing} (has {sorted(online)}); {self.name} needs {list(self.online_keys)}")
+            raise ValueError(
+                f"online is missing {missing} (has {sorted(online)}); {self.name} needs {list(self.online_keys)}"
+            )
         rows = online[self.online_keys[0]].shape[0]
         if rows == 0 or rows % n_views:
             raise ValueError(
@@ -288,7 +290,9 @@ class Method(nn.Module):
         batch = rows // n_views
         if self.uses_target:
             if not isinstance(target, dict) or "projection" not in target:
-                raise ValueError(f"target: {self.name} needs the dict that forward_target returns, got {type(target).__name__}")
+                raise ValueError(
+                    f"target: {self.name} needs the dict that forward_target returns, got {type(target).__name__}"
+                )
             if target["projection"].shape != online["projection"].shape:
                 raise ValueError(
                     f"target['projection'] has shape {tuple(target['projection'].shape)} but online['projection'] "
@@ -730,7 +734,9 @@ def build_method(config: MethodConfig, backbone: Backbone, *, num_classes: int |
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a MethodConfig, got {type(config).__name__}")
     if not isinstance(backbone, nn.Module) or not isinstance(getattr(backbone, "feature_dim", None), int):
-        raise TypeError(f"backbone must be an nn.Module with an int feature_dim (a Backbone), got {type(backbone).__name__}")
+        raise TypeError(
+            f"backbone must be an nn.Module with an int feature_dim (a Backbone), got {type(backbone).__name__}"
+        )
     if config.name == "supervised":
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r}: the supervised baseline needs the number of classes (>= 2)")
