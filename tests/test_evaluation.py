@@ -74,8 +74,8 @@ class TinyHead(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in map_channels)
 
-    def forward(self, maps):
-        size = maps[0].shape[-2:]
+    def forward(self, maps, size=None):
+        size = maps[0].shape[-2:]       # stride 1: the input's size
         return sum(F.interpolate(conv(m), size=size, mode="bilinear", align_corners=False)
                    for conv, m in zip(self.convs, maps))
 
@@ -549,3 +549,26 @@ def test_train_segmentation_bad_input(task):
         train_segmentation(TinyEncoder(), 2, (xtr, mtr), (xte, mte[:, :5]), head_factory=TinyHead)
     with pytest.raises(TypeError, match="forward_maps"):
         train_segmentation(nn.Linear(2, 2), 2, (xtr, mtr), (xte, mte), head_factory=TinyHead)
+
+
+def test_defaults_wire_up_with_the_image_modules():
+    # the default eval transforms (modalities.image.transforms) and segmentation head
+    # (modalities.image.heads) on a real backbone and generated shapes: runs, shapes, ranges
+    from modalities.image.backbones import build_backbone
+    from modalities.image.synthetic import generate_shapes
+    from modalities.image.transforms import seg_train_transform, simclr_transform
+
+    train_set = generate_shapes(24, size=16, seed=0, split="train")
+    test_set = generate_shapes(12, size=16, seed=0, split="test")
+    net = build_backbone("small_cnn", cifar_stem=True, width=8)
+    curve = train_classifier(net, net.feature_dim, (train_set.images, train_set.labels),
+                             (test_set.images, test_set.labels), num_classes=len(train_set.classes),
+                             epochs=1, frozen=False, batch_size=12,
+                             train_transform=simclr_transform(16, crop_scale=(0.5, 1.0)))
+    assert curve.epochs == [1] and 0.0 <= curve.metric[0] <= 1.0
+    k = len(train_set.seg_classes)
+    curve = train_segmentation(net, k, (train_set.images, train_set.masks),
+                               (test_set.images, test_set.masks), epochs=1, frozen=False,
+                               batch_size=12, head_width=8, train_transform=seg_train_transform(16))
+    assert curve.epochs == [1] and 0.0 <= curve.metric[0] <= 1.0
+    assert len(curve.extra["per_class_iou"][0]) == k

@@ -673,9 +673,9 @@ def train_segmentation(encoder: nn.Module, num_classes: int,
 
     The head is ``head_factory(encoder.map_channels, encoder.map_strides, num_classes,
     width=head_width)`` (default: ``modalities.image.heads.SegmentationHead``, a light
-    FCN/U-Net-style decoder), called on ``encoder.forward_maps(x)`` (a list of maps at
-    increasing stride) and returning logits (B, K, H', W'); logits not at the mask's resolution
-    are upsampled bilinearly. Loss: per-pixel cross-entropy, ``ignore_index`` pixels left out.
+    FCN/U-Net-style decoder), called as ``head(encoder.forward_maps(x), size=(H, W))`` (maps at
+    increasing stride, the input's size) and returning logits (B, K, H, W); logits at another
+    resolution are upsampled bilinearly to the mask's. Loss: per-pixel cross-entropy, ``ignore_index`` pixels left out.
     frozen=True: the encoder copy stays in eval mode without gradients, only the head trains;
     frozen=False: encoder copy and head are fine-tuned together. AdamW with a per-step cosine
     schedule; the caller's encoder is never modified; deterministic for a ``seed`` (RNG forked
@@ -690,8 +690,7 @@ def train_segmentation(encoder: nn.Module, num_classes: int,
             mask)`` with the same geometry for both (e.g. ``seg_train_transform``). None:
             ``eval_transform``.
         eval_transform: deterministic, on a batch ``(images uint8 (B, 3, H, W), masks (B, H, W))
-            -> (float images, masks)``. None: the images through
-            ``modalities.image.transforms.eval_transform(H)``, masks unchanged.
+            -> (float images, masks)``. None: ``modalities.image.transforms.seg_eval_transform(H)``.
 
     Returns:
         :class:`Curve` with ``metric`` the test mIoU per epoch (classes absent from both the
@@ -716,8 +715,8 @@ def train_segmentation(encoder: nn.Module, num_classes: int,
         from modalities.image.heads import SegmentationHead
         head_factory = SegmentationHead
     if eval_transform is None:
-        image_eval = _default_eval_transform(x_tr.shape[-1])
-        eval_transform = lambda images, masks: (image_eval(images), masks)  # noqa: E731
+        from modalities.image.transforms import seg_eval_transform
+        eval_transform = seg_eval_transform(x_tr.shape[-1])
     device = torch.device(device)
     start = time.perf_counter()
     curve = Curve([], [], name=name, metric_name="miou",
@@ -747,7 +746,7 @@ def train_segmentation(encoder: nn.Module, num_classes: int,
                     maps = enc.forward_maps(x)
             else:
                 maps = enc.forward_maps(x)
-            out = head(maps)
+            out = head(maps, size=size)
             if out.shape[-2:] != size:
                 out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
             return out
