@@ -305,6 +305,14 @@ def config_from_args(argv: Sequence[str] | None) -> BenchImagesConfig:
                 f"--chunk-size {c}: not smaller than the views of the largest batch "
                 f"({views_per_image} x {max(batches)} = {max_views}); such a chunk does not "
                 "split any batch (it would time the one-shot step again)")
+        # BatchNorm in training mode needs >= 2 rows per channel: no chunk of a single view
+        for b in batches:
+            views = b * views_per_image
+            if c and c < views and (c == 1 or views % c == 1):
+                raise ValueError(
+                    f"--chunk-size {c}: the {views} views of batch {b} would leave a last chunk "
+                    "of 1 view, which BatchNorm cannot normalise in training mode; expected a "
+                    "chunk size leaving at least 2 views in every chunk")
     if args.single:
         if len(names) != 1 or len(batches) != 1 or len(chunks) != 1 or chunks[0] == 0:
             raise ValueError(

@@ -108,6 +108,8 @@ def test_pretrain_step_updates_the_encoder_and_returns_view_major_outputs():
     (["--image-size", "x"], "--image-size"),
     (["--chunk-size", "-4"], "--chunk-size '-4'"),
     (["--batch-sizes", "64", "--chunk-size", "0,128"], "--chunk-size 128"),
+    (["--batch-sizes", "64", "--chunk-size", "1"], "--chunk-size 1"),
+    (["--batch-sizes", "64,256", "--chunk-size", "127"], "--chunk-size 127"),
     (["--method", "dino"], "--method 'dino'"),
     (["--optimizer", "lamb"], "--optimizer 'lamb'"),
     (["--repeats", "0"], "--repeats 0"),
