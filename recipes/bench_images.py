@@ -522,9 +522,11 @@ def worker() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_measurement(spec: dict, kill_rss_bytes: float, time_budget_s: float) -> dict:
+def run_measurement(spec: dict, kill_rss_bytes: float, time_budget_s: float, *,
+                    report_every_s: float | None = None) -> dict:
     """Run one measurement in a child process, killing it (SIGKILL) once its RSS passes
-    ``kill_rss_bytes`` (CPU only) or it runs past ``time_budget_s``.
+    ``kill_rss_bytes`` (CPU only) or it runs past ``time_budget_s``; with ``report_every_s``,
+    print the elapsed time and the child's RSS that often (long single steps).
 
     Returns the child's result (``status`` "ok", "oom", "error", "over-mem-budget",
     "over-time-budget") plus ``wall_s``, ``child_maxrss_bytes`` (the kernel's peak RSS of the
@@ -546,12 +548,17 @@ def run_measurement(spec: dict, kill_rss_bytes: float, time_budget_s: float) -> 
     killed_for = None
     max_rss = 0
     on_cuda = spec["device"].startswith("cuda")
+    next_report = report_every_s
     while True:
         pid, status_code, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             break
         rss = (proc_status_kb("VmRSS", str(proc.pid)) or 0) * 1024
         max_rss = max(max_rss, rss)
+        elapsed = time.monotonic() - started
+        if next_report is not None and elapsed >= next_report:
+            _say(f"  ... {elapsed:.0f} s, RSS {fmt_bytes(rss)} (max so far {fmt_bytes(max_rss)})")
+            next_report += report_every_s
         if killed_for is None and not on_cuda and rss > kill_rss_bytes:
             killed_for = "over-mem-budget"
             proc.send_signal(signal.SIGKILL)
@@ -652,6 +659,7 @@ def _f(x: float | None, fmt: str) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
+    """The sweep's table: one line per row, peak memory in GB/MB, the loss share in %."""
     header = ["backbone", "batch", "views", "chunk", "s/step med", "s/step min", "images/s",
               "loss share", "loader img/s", "peak mem", "cpu/wall", "status"]
     body = []
@@ -684,6 +692,7 @@ def plot_rows(rows: list[dict], path: Path, title: str, budget_gb: float | None 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.3))
     keys = sorted({(r["backbone"], r["chunk"]) for r in rows}, key=lambda k: (k[0], k[1]))
@@ -694,16 +703,24 @@ def plot_rows(rows: list[dict], path: Path, title: str, budget_gb: float | None 
                      and r["status"] == "ok"), key=lambda r: r["batch"])
         if not ok:
             continue
-        label = f"{backbone}, " + (f"chunk {chunk}" if chunk else "no caching")
-        style = "--" if chunk else "-"
+        label = f"{backbone}, " + (f"chunks of {chunk} views" if chunk else "no caching")
+        # cached runs: dashed lines and hollow squares, so a lone point is told apart too
+        style = dict(linestyle="--", marker="s", markerfacecolor="none") if chunk else \
+            dict(linestyle="-", marker="o")
         xs = [r["batch"] for r in ok]
-        ax_t.plot(xs, [r["images_per_second"] for r in ok], style, marker="o",
-                  color=colors[backbone], label=label)
-        ax_m.plot(xs, [r["peak_mem_bytes"] / 1e9 for r in ok], style, marker="o",
-                  color=colors[backbone], label=label)
+        ax_t.plot(xs, [r["images_per_second"] for r in ok], color=colors[backbone],
+                  label=label, **style)
+        ax_m.plot(xs, [r["peak_mem_bytes"] / 1e9 for r in ok], color=colors[backbone],
+                  label=label, **style)
+    batches = sorted({r["batch"] for r in rows})
+    if budget_gb:
+        ax_m.axhline(budget_gb, color="grey", linestyle=":", linewidth=1,
+                     label=f"kill budget {budget_gb:g} GB")
     for ax in (ax_t, ax_m):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("batch (images; 2 views each)")
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -712,12 +729,10 @@ def plot_rows(rows: list[dict], path: Path, title: str, budget_gb: float | None 
     kind = rows[0]["peak_mem_kind"] if rows else "rss"
     ax_m.set_ylabel("GB (" + ("max_memory_allocated" if kind.startswith("cuda") else
                               "peak RSS of the child") + ")")
-    if budget_gb:
-        ax_m.axhline(budget_gb, color="grey", linestyle=":", linewidth=1)
     ax_t.set_title("training step throughput", fontsize=9)
     ax_m.set_title("peak memory", fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -732,6 +747,8 @@ def _say(text: str) -> None:
 
 
 def run_sweep(cfg: BenchImagesConfig) -> dict[str, Any]:
+    """The data pipeline once per batch size, then one child per (backbone, batch, chunk);
+    returns the JSON document (config, environment, rows, skipped combinations)."""
     env = environment(cfg)
     kill = cfg.mem_budget_gb * 1e9
     n_views = 1 if cfg.method == "supervised" else 2
@@ -783,8 +800,8 @@ def run_single(cfg: BenchImagesConfig) -> dict[str, Any]:
     _say(f"cached step: {backbone}, {batch} images ({2 * batch} views) of {cfg.image_size} px, "
          f"chunks of {chunk} views, one step ...")
     spec = _step_spec(cfg, backbone, batch, chunk)
-    cached = _row(cfg, env, spec, run_measurement(spec, safety, cfg.time_budget_s), "single",
-                  None)
+    cached = _row(cfg, env, spec, run_measurement(spec, safety, cfg.time_budget_s,
+                                                  report_every_s=120.0), "single", None)
     _say(f"  {cached['status']}: " + (
         f"{cached['seconds_per_step_median']:.1f} s/step, peak {fmt_bytes(cached['peak_mem_bytes'])}"
         if cached["status"] == "ok" else cached["message"]))
@@ -831,6 +848,7 @@ def run_single(cfg: BenchImagesConfig) -> dict[str, Any]:
 
 
 def format_single(result: dict) -> str:
+    """--single's table: the cached step beside the largest uncached one, then the search."""
     c, u = result["cached"], result["uncached_largest"]
     target = result["target_bytes"]
     header = ["step", "batch", "views", "chunk", "s/step", "images/s", "loss share", "peak mem",
