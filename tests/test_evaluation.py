@@ -572,3 +572,19 @@ def test_defaults_wire_up_with_the_image_modules():
                                batch_size=12, head_width=8, train_transform=seg_train_transform(16))
     assert curve.epochs == [1] and 0.0 <= curve.metric[0] <= 1.0
     assert len(curve.extra["per_class_iou"][0]) == k
+
+
+def test_progress_through_a_run_log(task, tmp_path):
+    from recipes.common.logging import RunLog
+
+    (xtr, ytr, _), (xte, yte, _) = task
+    log = RunLog(tmp_path / "log.txt")
+    enc = TinyEncoder()
+    curve = train_classifier(enc, 16, (xtr, ytr), (xte, yte), num_classes=2, epochs=2,
+                             lr=0.05, eval_transform=to_float, progress=log, name="binary")
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [line.split(" top1=")[0] for line in lines] == ["binary: 1/2", "binary: 2/2"]
+    assert float(lines[-1].split("top1=")[1]) == pytest.approx(curve.metric[-1], abs=1e-4)
+    # a tqdm bar instead: the same run
+    assert train_classifier(enc, 16, (xtr, ytr), (xte, yte), num_classes=2, epochs=2, lr=0.05,
+                            eval_transform=to_float, progress=True).metric == curve.metric

@@ -560,7 +560,7 @@ def train_classifier(encoder: nn.Module, feature_dim: int,
                      batch_size: int = 256,
                      train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      eval_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     device: str | torch.device = "cpu", seed: int = 0, progress: bool = False,
+                     device: str | torch.device = "cpu", seed: int = 0, progress: Any = False,
                      weight_decay: float = 0.0, name: str = "classifier",
                      keep_model: bool = False) -> Curve:
     """Train a linear classifier on an encoder's pooled features; test top-1 after every epoch.
@@ -585,7 +585,8 @@ def train_classifier(encoder: nn.Module, feature_dim: int,
             random (e.g. crop and flip). None: ``eval_transform`` (no augmentation).
         eval_transform: deterministic, on a uint8 batch (B, 3, H, W) -> float batch. None:
             ``modalities.image.transforms.eval_transform(H)`` (the pre-training normalisation).
-        progress: a tqdm bar over epochs.
+        progress: per-epoch progress: a ``recipes.common.logging.RunLog`` (the recipe's own
+            display), True (a tqdm bar) or False.
 
     Returns:
         :class:`Curve` with ``epochs`` 1..E, ``metric`` test top-1 (fractions) and ``extra``:
@@ -665,8 +666,7 @@ def train_classifier(encoder: nn.Module, feature_dim: int,
             curve.metric.append(top1)
             curve.extra["train_loss"].append(torch.stack(losses).mean().item())
             curve.extra["seconds"].append(time.perf_counter() - start)
-            bar.update(1)
-            bar.set_postfix(top1=f"{top1:.3f}")
+            bar.update(top1=top1)
         bar.close()
     if keep_model:
         curve.model = nn.Sequential(enc, head).eval()
@@ -677,7 +677,7 @@ def train_segmentation(encoder: nn.Module, num_classes: int,
                        train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
                        *, epochs: int = 10, frozen: bool = True, lr: float = 1e-3, batch_size: int = 64,
                        ignore_index: int = 255, device: str | torch.device = "cpu", seed: int = 0,
-                       progress: bool = False, head_factory: Callable[..., nn.Module] | None = None,
+                       progress: Any = False, head_factory: Callable[..., nn.Module] | None = None,
                        train_transform: Callable | None = None, eval_transform: Callable | None = None,
                        weight_decay: float = 0.0, head_width: int = 64, name: str = "segmentation",
                        keep_model: bool = False) -> Curve:
@@ -793,8 +793,7 @@ def train_segmentation(encoder: nn.Module, num_classes: int,
             curve.extra["pixel_accuracy"].append(pixel_accuracy(cm))
             curve.extra["train_loss"].append(torch.stack(losses).mean().item())
             curve.extra["seconds"].append(time.perf_counter() - start)
-            bar.update(1)
-            bar.set_postfix(miou=f"{mean:.3f}")
+            bar.update(miou=mean)
         bar.close()
     if keep_model:
         curve.model = nn.ModuleDict({"encoder": enc, "head": head}).eval()
@@ -856,9 +855,31 @@ def _default_eval_transform(size: int) -> Callable[[torch.Tensor], torch.Tensor]
     return eval_transform(size)
 
 
-def _progress(total: int, enabled: bool, name: str) -> Any:
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=name, unit="epoch", disable=not enabled, leave=False)
+class _progress:
+    """Per-epoch progress: ``progress`` a ``recipes.common.logging.RunLog`` (its display: a bar
+    on a terminal, plain lines elsewhere), True (a tqdm bar) or False (nothing)."""
+
+    def __init__(self, total: int, progress: Any, name: str) -> None:
+        self.bar: Any = None
+        self.run_log = callable(getattr(progress, "progress", None))
+        if self.run_log:
+            self.bar = progress.progress(total, name, unit="epoch", every=1)
+        elif progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=name, unit="epoch", leave=False)
+
+    def update(self, **postfix: Any) -> None:
+        if self.bar is None:
+            return
+        if self.run_log:
+            self.bar.update(1, **postfix)
+        else:
+            self.bar.update(1)
+            self.bar.set_postfix(postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_module(encoder: Any) -> None:
