@@ -1,6 +1,6 @@
 """Contrastive Predictive Coding (Oord et al. 2018) on speech: the model, its criterion (every
-InfoNCE term through ``csrc_triton.info_nce``), training windows and batch sampling, linear
-probes, and export to CPC_audio's checkpoint layout."""
+InfoNCE term through ``csrc_triton.info_nce``), training windows and batch sampling, and
+export to CPC_audio's checkpoint layout."""
 from .criterion import NEGATIVE_MODES, CPCCriterion, CPCLossOutput
 from .model import CPCModel, CPCModelConfig, Encoder, receptive_field
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cpc.model import CPCModelConfig
-from cpc.probes import ProbeConfig
+from recipes.common.evaluation import ProbeConfig
 from recipes.common.config import apply_values as _apply
 from recipes.common.config import read_config_file  # noqa: F401  (the recipe imports it from here)
 

@@ -48,7 +48,7 @@ from cpc.criterion import CPCCriterion
 from cpc.data import (BadAudioError, SpeakerBalancedBatchSampler, WindowDataset, load_utterances,
                       resolve_utterances)
 from cpc.model import CPCModel, count_parameters
-from cpc.probes import ProbeConfig, linear_probe
+from recipes.common.evaluation import ProbeConfig, linear_probe
 from recipes.common import distributed as D
 from recipes.common.checkpoint import (load_checkpoint, rng_state, save_checkpoint,
                                        set_rng_state)
@@ -413,7 +413,7 @@ def run_probes(config: CPCSpeechConfig, cpc_model: CPCModel, random_model: CPCMo
     Feature kinds: ``cpc`` (the trained context network's output c_t, as in the paper),
     ``random_init`` (the same model with the exact weights training started from) and ``mfcc``
     (13 MFCC + deltas + delta-deltas). Every kind goes through the same probe
-    (:func:`cpc.probes.linear_probe`, same settings, same frames and utterances)."""
+    (:func:`recipes.common.evaluation.linear_probe`, same settings, same frames and utterances)."""
     from modalities.audio import read_alignments
 
     device = device or torch.device("cpu")

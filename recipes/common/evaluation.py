@@ -5,8 +5,8 @@
   similarity (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
   Discrimination", §3.4; the k = 200, T = 0.1 monitor of solo-learn and lightly).
 * :func:`linear_probe`: softmax regression on frozen, standardised features (moved here from
-  ``cpc.probes``, which re-exports it; its default Adam solver is unchanged, so CPC's numbers
-  are too), with an L-BFGS solver that reaches the optimum of the same objective as
+  ``cpc.probes``; the CPC recipe uses it with the default Adam solver, unchanged, so CPC's
+  numbers are too), with an L-BFGS solver that reaches the optimum of the same objective as
   scikit-learn's ``LogisticRegression``.
 * :func:`confusion_matrix`, :func:`miou`, :func:`pixel_accuracy`: segmentation metrics
   (Long et al. 2015, "Fully Convolutional Networks for Semantic Segmentation", §5).
