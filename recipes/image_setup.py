@@ -89,6 +89,8 @@ class ImagePretrainConfig:
     diagnostics_samples: int = 512
     linear_probe: bool = True
     segmentation_epochs: int = 8  # frozen-backbone segmentation head; 0: skip
+    segmentation_train_images: int = 0  # images the head trains on (random subset); 0: all
+    segmentation_head_width: int = 64
     eval_batch_size: int = 512
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,7 +103,8 @@ def preset_values(name: str) -> dict[str, Any]:
             "backbone": "small_cnn", "width": 32, "batch_size": 256, "epochs": 100,
             "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
             "train_seconds": 300.0, "knn_every_epochs": 2, "checkpoint_every": 100,
-            "segmentation_epochs": 6, "eval_batch_size": 500,
+            "segmentation_epochs": 4, "segmentation_train_images": 2000,
+            "segmentation_head_width": 32, "eval_batch_size": 500,
             "settings": {"projection_hidden": 256, "queue_size": 2048},
         }
     if name == "cifar":
@@ -162,10 +165,10 @@ def validate(config: ImagePretrainConfig) -> None:
         raise ValueError(f"optimizer={config.optimizer!r}: expected one of {OPTIMIZERS}")
     for name in ("image_size", "batch_size", "epochs", "log_every", "checkpoint_every", "knn_k",
                  "knn_every_epochs", "diagnostics_samples", "eval_batch_size", "width",
-                 "synthetic_train", "synthetic_test"):
+                 "synthetic_train", "synthetic_test", "segmentation_head_width"):
         _positive_int(name, getattr(config, name))
     for name in ("chunk_size", "steps", "stop_after", "workers", "threads", "diagnostics_every",
-                 "segmentation_epochs", "seed"):
+                 "segmentation_epochs", "segmentation_train_images", "seed"):
         _positive_int(name, getattr(config, name), zero=True)
     if config.image_size < 16:
         raise ValueError(f"image_size={config.image_size!r}: expected at least 16 pixels")

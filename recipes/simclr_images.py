@@ -556,15 +556,26 @@ class _Evaluator:
             if c.segmentation_epochs and d.seg_train is not None:
                 log(f"segmentation head on the frozen {name} backbone "
                     f"({c.segmentation_epochs} epochs)")
+                n_seg = len(d.seg_train)
+                keep = torch.arange(n_seg)
+                if c.segmentation_train_images and c.segmentation_train_images < n_seg:
+                    gen = torch.Generator().manual_seed(c.seed + 29)
+                    keep = torch.randperm(n_seg, generator=gen)[:c.segmentation_train_images]
                 curve = train_segmentation(
-                    enc, len(d.seg_train.seg_classes), (d.seg_train.images, d.seg_train.masks),
+                    enc, len(d.seg_train.seg_classes),
+                    (d.seg_train.images[keep], d.seg_train.masks[keep]),
                     (d.seg_test.images, d.seg_test.masks), epochs=c.segmentation_epochs,
                     frozen=True, lr=1e-2, batch_size=128, ignore_index=d.seg_train.ignore_index,
-                    device=self.device, seed=c.seed, progress=False)
+                    device=self.device, seed=c.seed, progress=False,
+                    head_width=c.segmentation_head_width)
                 res["miou"] = curve.metric[-1]
                 res["miou_per_epoch"] = list(curve.metric)
-                if getattr(curve, "per_class", None) is not None:
-                    res["iou_per_class"] = dict(zip(d.seg_train.seg_classes, curve.per_class))
+                res["segmentation_train_images"] = int(keep.numel())
+                per_class = curve.extra.get("per_class_iou")
+                if per_class:
+                    res["iou_per_class"] = {
+                        name: (None if v != v else v)  # NaN (class absent) as null in JSON
+                        for name, v in zip(d.seg_train.seg_classes, per_class[-1])}
             out[name] = res
         return out
 
