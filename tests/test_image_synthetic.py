@@ -10,6 +10,7 @@ from modalities.image.data import load_class_folders, load_segmentation_folders
 from modalities.image.synthetic import (
     CURVED_CLASSES,
     SHAPE_CLASSES,
+    SHAPE_LIBRARY,
     SHAPES_VERSION,
     generate_shapes,
     shape_signed_distance,
@@ -57,14 +58,14 @@ def test_scale_position_and_area(shapes32):
     assert 0.01 < frac.min() and frac.max() < 0.45
 
 
-@pytest.mark.parametrize("cls", range(K))
+@pytest.mark.parametrize("cls", SHAPE_LIBRARY)
 def test_signed_distance_fits_unit_disc(cls):
     g = torch.linspace(-1.3, 1.3, 521).numpy()
     x, y = np.meshgrid(g, g)
     for param in (0.0, 0.999):
         d = shape_signed_distance(cls, x.astype(np.float32), y.astype(np.float32), np.float32(param))
         r = np.sqrt(x ** 2 + y ** 2)[d < 0]
-        assert 0.95 <= r.max() <= 1.005, (SHAPE_CLASSES[cls], param, r.max())
+        assert 0.95 <= r.max() <= 1.005, (cls, param, r.max())
         # the distance estimate has slope ~1 across the outline (what anti-aliasing assumes)
         inside_ring = np.abs(d) < 0.02
         assert inside_ring.any()
@@ -130,7 +131,10 @@ def test_generation_speed():
 
 
 def test_version():
-    assert isinstance(SHAPES_VERSION, str) and SHAPES_VERSION.startswith("1-") and len(SHAPES_VERSION) == 14
+    assert isinstance(SHAPES_VERSION, str) and SHAPES_VERSION.startswith("2-") and len(SHAPES_VERSION) == 14
+    assert set(SHAPE_CLASSES) <= set(SHAPE_LIBRARY)
+    with pytest.raises(ValueError, match="shape=10"):
+        shape_signed_distance(10, np.zeros(1), np.zeros(1), np.zeros(1))
 
 
 @pytest.mark.parametrize("kwargs", [dict(n=-1), dict(n=2, size=8), dict(n=2, size=32.0), dict(n=2, seed=-1),

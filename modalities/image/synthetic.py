@@ -4,27 +4,36 @@ Every image is a small RGB scene with one main shape, whose class is the many-cl
 The class is carried by the outline alone; everything else is a nuisance drawn independently
 of the class:
 
-- shape: one of `SHAPE_CLASSES`, its bounding circle's diameter 30-70 % of the image side,
-  uniformly rotated, placed anywhere it fits; ellipse aspect, ring thickness, ... vary;
-- fill: solid, stripes, checker, dots or per-pixel noise in two random colours, turning with the
-  shape, under a linear shading gradient;
+- shape: one of the 10 `SHAPE_CLASSES`, its bounding circle's diameter 30-70 % of the image
+  side, uniformly rotated, placed anywhere it fits; ring thickness and star depth vary;
+- fill: solid, stripes, checker, dots or per-pixel noise, turning with the shape, under a linear
+  shading gradient; a random colour A kept at RGB distance >= 0.5 from the background under the
+  shape, modulated towards a second random colour by 20-45 % (textures vary the fill without
+  breaking the silhouette);
 - background: a solid colour, a linear gradient, smooth colour noise (a coarse random grid
-  upsampled) or stripes/checker, in random colours;
-- clutter: up to four distractors drawn behind the shape: thin line segments and small soft
-  blobs, smaller and fuzzier than any main shape, so they are not shapes of the classes;
+  around a base colour, upsampled) or low-contrast stripes/checker, in random colours;
+- clutter: up to three distractors drawn behind the shape with 40-90 % opacity: thin line
+  segments and small soft blobs, smaller and fuzzier than any main shape, so they are not
+  shapes of the classes (masks count them as background);
 - sensor noise of a random level.
 
-Colours are uniform in the RGB cube (a colour too close to the background's mean is moved away
-from it, whatever the class), so colour statistics say nothing about the class: raw pixels and
-random features do poorly, while a network that learns outlines invariant to colour, position,
-scale and rotation (what SimCLR's crops and colour jitter teach) does well.
+Colours are uniform in the RGB cube (the contrast rule moves a colour away from the background,
+whatever the class), so colour statistics say nothing about the class: raw pixels and random
+features do poorly (a cosine kNN on raw pixels, 2000 train / 500 test at 32 px: 0.15 top-1,
+chance 0.10), while a network that learns outlines invariant to colour, position, scale and
+rotation (what SimCLR's crops and colour jitter teach) does well.
+
+Revision 2 (this one) dropped the ellipse and hexagon classes (too close to the circle at
+32 px) and lowered the contrast of fill textures, background textures and clutter: with
+revision 1, a small CNN trained with labels on 8000 clean images reached only 16 % test
+accuracy, memorising instead of learning outlines.
 
 Labels:
 - `labels`: the shape class, 0..len(SHAPE_CLASSES)-1, balanced: every block of
   len(SHAPE_CLASSES) consecutive images holds each class once, in a random order;
-- `binary`: 1 if the shape's outline contains a curved arc (circle, ellipse, ring, half disc,
-  crescent, heart), 0 if it is made of straight edges only (triangle, square, hexagon, star,
-  cross, arrow): a property of the outline, not of any pixel's colour;
+- `binary`: 1 if the shape's outline contains a curved arc (circle, ring, half disc, crescent,
+  heart), 0 if it is made of straight edges only (triangle, square, star, cross, arrow): a
+  property of the outline, not of any pixel's colour;
 - `masks` (H, W) int64: 0 for background and clutter, c + 1 for the pixels whose centre lies
   inside the main shape of class c (`seg_classes = ["background"] + SHAPE_CLASSES`).
 
@@ -61,15 +70,22 @@ __all__ = [
 ]
 
 SHAPE_CLASSES: list[str] = [
-    "circle", "ellipse", "ring", "half_disc", "crescent", "heart",
-    "triangle", "square", "hexagon", "star", "cross", "arrow",
+    "circle", "ring", "half_disc", "crescent", "heart",
+    "triangle", "square", "star", "cross", "arrow",
 ]
 """The shape classes; index c is label c and mask id c + 1."""
 
-CURVED_CLASSES: frozenset[str] = frozenset(SHAPE_CLASSES[:6])
+CURVED_CLASSES: frozenset[str] = frozenset(SHAPE_CLASSES[:5])
 """Classes whose outline contains a curved arc: `binary` = 1 for them, 0 for the others."""
 
-_REVISION = 1  # bump with any change of the rendering code below
+SHAPE_LIBRARY: tuple[str, ...] = (
+    "circle", "ellipse", "ring", "half_disc", "crescent", "heart",
+    "triangle", "square", "hexagon", "star", "cross", "arrow",
+)
+"""Every outline `shape_signed_distance` draws (ellipse and hexagon are left out of the classes:
+at 32 px they are too close to the circle to tell apart)."""
+
+_REVISION = 2  # bump with any change of the rendering code below
 
 # Every range the generator draws from (also hashed into SHAPES_VERSION).
 _PARAMS = {
@@ -77,23 +93,26 @@ _PARAMS = {
     "curved": sorted(CURVED_CLASSES),
     "scale": (0.30, 0.70),         # bounding-circle diameter / image side
     "ellipse_aspect": (0.45, 0.65),
-    "ring_half_width": (0.15, 0.25),
+    "ring_half_width": (0.17, 0.25),
     "star_inner": (0.38, 0.5),
     "fill_kinds": ["solid", "stripes", "checker", "dots", "noise"],
+    "fill_contrast": (0.2, 0.45),  # second fill colour: this far from the first towards a random one
     "fill_freq": (1.0, 2.6),       # texture cycles per unit shape radius
     "min_period_px": 3.0,          # textures never finer than this
-    "shading": (0.0, 0.35),
+    "shading": (0.0, 0.3),
     "background_kinds": ["solid", "gradient", "smooth_noise", "texture"],
     "background_grid": 4,
+    "background_grid_amplitude": (0.25, 0.6),  # smooth noise: cell colours around the base colour
     "background_freq": (1.5, 5.0),  # cycles per image side
-    "background_contrast": (0.25, 1.0),
-    "min_contrast": 0.35,          # RGB distance of the fill colours from the background mean
-    "clutter_slots": 4,
-    "clutter_p": 0.7,
-    "line_length": (0.15, 0.45),
+    "background_contrast": (0.1, 0.4),
+    "min_contrast": 0.5,           # RGB distance of the fill colour from the background under it
+    "clutter_slots": 3,
+    "clutter_p": 0.6,
+    "clutter_opacity": (0.4, 0.9),
+    "line_length": (0.15, 0.4),
     "line_half_width": (0.01, 0.025),
-    "blob_radius": (0.03, 0.08),
-    "noise_sigma": (0.0, 0.06),
+    "blob_radius": (0.03, 0.07),
+    "noise_sigma": (0.0, 0.04),
 }
 
 _N_CLUTTER = _PARAMS["clutter_slots"]
@@ -107,8 +126,8 @@ _S_SHADE_ANGLE, _S_SHADE = 16, 17
 _S_BG_KIND, _S_BG_C0, _S_BG_C1 = 18, 19, 22
 _S_BG_ANGLE, _S_BG_FREQ, _S_BG_CONTRAST, _S_BG_CHECKER, _S_BG_PHASE = 25, 26, 27, 28, 29
 _S_NOISE, _S_JITTER = 30, 31                          # jitter: 3 slots
-_S_CLUTTER = 34                                       # 10 slots per clutter item
-_S_GRID = _S_CLUTTER + 10 * _N_CLUTTER                # 3 * GRID * GRID slots
+_S_CLUTTER = 34                                       # 11 slots per clutter item
+_S_GRID = _S_CLUTTER + 11 * _N_CLUTTER                # 3 * GRID * GRID slots
 _N_SLOTS = _S_GRID + 3 * _GRID * _GRID
 
 # ----------------------------------------------------------------------------- counter-based RNG
@@ -192,8 +211,10 @@ def _box(x: np.ndarray, y: np.ndarray, hx: float, hy: float) -> np.ndarray:
     return np.maximum(np.abs(x) - np.float32(hx), np.abs(y) - np.float32(hy))
 
 
-def shape_signed_distance(cls: int, x: np.ndarray, y: np.ndarray, param: np.ndarray) -> np.ndarray:
-    """Approximate signed distance (negative inside) to shape `cls` in its own frame.
+def shape_signed_distance(shape: str | int, x: np.ndarray, y: np.ndarray, param: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (negative inside) to `shape` in its own frame.
+
+    shape: a name of `SHAPE_LIBRARY`, or a class index into `SHAPE_CLASSES`.
 
     The frame's unit is the shape's bounding radius: every shape fits in the unit disc and
     touches (or nearly touches) its boundary. x, y: float32 arrays, broadcastable with `param`
@@ -201,7 +222,13 @@ def shape_signed_distance(cls: int, x: np.ndarray, y: np.ndarray, param: np.ndar
     thickness, star depth). The distance is exact or a close first-order estimate near the
     outline (that is all the anti-aliasing needs).
     """
-    name = SHAPE_CLASSES[cls]
+    if isinstance(shape, str):
+        name = shape
+    elif isinstance(shape, (int, np.integer)) and 0 <= shape < len(SHAPE_CLASSES):
+        name = SHAPE_CLASSES[int(shape)]
+    else:
+        raise ValueError(f"shape_signed_distance: shape={shape!r}; expected a class index in "
+                         f"[0, {len(SHAPE_CLASSES)}) or a name in {SHAPE_LIBRARY}")
     if name == "circle":
         return _length(x, y) - 1
     if name == "ellipse":
@@ -261,7 +288,7 @@ def shape_signed_distance(cls: int, x: np.ndarray, y: np.ndarray, param: np.ndar
         slant = (np.float32(0.5) * (x - 1) + np.float32(0.8) * np.abs(y)) / np.float32(np.hypot(0.5, 0.8))
         head = np.maximum(np.float32(0.2) - x, slant)
         return np.minimum(shaft, head)
-    raise ValueError(f"shape_signed_distance: cls={cls!r}; expected 0..{len(SHAPE_CLASSES) - 1}")
+    raise ValueError(f"shape_signed_distance: shape={shape!r}; expected a name in {SHAPE_LIBRARY}")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -273,9 +300,9 @@ def _soft(x: np.ndarray) -> np.ndarray:
 
 def _contrast_colour(colour: np.ndarray, reference: np.ndarray, jitter: np.ndarray) -> np.ndarray:
     """Move `colour` (n, 3) away from `reference` (n, 3) where they are closer than the minimum
-    contrast: each channel goes 0.4-0.5 to the far side of the reference (class-independent)."""
+    contrast: each channel goes 0.4-0.55 to the far side of the reference (class-independent)."""
     close = np.linalg.norm(colour - reference, axis=1) < _PARAMS["min_contrast"]
-    step = np.float32(0.4) + np.float32(0.1) * jitter[:, None]
+    step = np.float32(0.4) + np.float32(0.15) * jitter[:, None]
     moved = np.where(reference < 0.5, reference + step, reference - step)
     return np.where(close[:, None], moved, colour).astype(np.float32)
 
@@ -320,7 +347,10 @@ def _render(keys: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray
     img = c0[:, :, None, None] + (c1 - c0)[:, :, None, None] * t[:, None]
     g = kind == 2
     if g.any():  # smooth colour noise: a GRID x GRID grid of colours, bilinearly upsampled
-        grid = u[g, _S_GRID:_S_GRID + 3 * _GRID * _GRID].reshape(-1, 3, _GRID, _GRID)
+        lo, hi = _PARAMS["background_grid_amplitude"]
+        amplitude = (f32(lo) + f32(hi - lo) * u[g, _S_BG_CONTRAST])[:, None, None, None]
+        cells = u[g, _S_GRID:_S_GRID + 3 * _GRID * _GRID].reshape(-1, 3, _GRID, _GRID)
+        grid = np.clip(c0[g][:, :, None, None] + (cells - f32(0.5)) * amplitude, 0, 1)
         pos = np.clip(coord * (_GRID - 1), 0, _GRID - 1)
         lo_i = np.minimum(pos.astype(np.int64), _GRID - 2)
         frac = (pos - lo_i).astype(f32)
@@ -332,7 +362,7 @@ def _render(keys: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray
 
     # --- clutter behind the shape
     for m in range(_N_CLUTTER):
-        base = _S_CLUTTER + 10 * m
+        base = _S_CLUTTER + 11 * m
         active = u[:, base] < _PARAMS["clutter_p"]
         if not active.any():
             continue
@@ -341,6 +371,8 @@ def _render(keys: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray
         a = u[:, base + 4] * f32(2 * np.pi)
         cl = u[:, base + 7:base + 10]
         alpha = np.zeros((n, s, s), dtype=f32)
+        lo, hi = _PARAMS["clutter_opacity"]
+        opacity = (f32(lo) + f32(hi - lo) * u[:, base + 10])[:, None, None]
         for line in (True, False):
             g = active & (is_line == line)
             if not g.any():
@@ -354,11 +386,11 @@ def _render(keys: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray
                 ex, ey = np.cos(a[g])[:, None, None], np.sin(a[g])[:, None, None]
                 proj = np.clip(px * ex + py * ey, 0, length)
                 d = _length(px - proj * ex, py - proj * ey) - half
-                alpha[g] = _soft(f32(0.5) - d * f32(s))
-            else:      # soft blob: a Gaussian bump of radius r, peak opacity 0.9
+                alpha[g] = _soft(f32(0.5) - d * f32(s)) * opacity[g]
+            else:      # soft blob: a Gaussian bump of radius r
                 lo, hi = _PARAMS["blob_radius"]
                 r = (f32(lo) + f32(hi - lo) * u[g, base + 5])[:, None, None]
-                alpha[g] = f32(0.9) * np.exp(-(px * px + py * py) / (2 * r * r))
+                alpha[g] = opacity[g] * np.exp(-(px * px + py * py) / (2 * r * r))
         img += (cl[:, :, None, None] - img) * alpha[:, None]
 
     # --- main shape
@@ -380,10 +412,14 @@ def _render(keys: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray
     coverage = _soft(f32(0.5) - dist * f32(s))
     mask = np.where(dist < 0, labels[:, None, None] + 1, 0).astype(np.int64)
 
-    # fill texture in the shape frame, so it turns with the shape
-    bg_mean = img.mean(axis=(2, 3))
-    col_a = _contrast_colour(col(_S_COL_A), bg_mean, u[:, _S_JITTER])
-    col_b = _contrast_colour(col(_S_COL_B), bg_mean, u[:, _S_JITTER + 1])
+    # fill: colour A, far enough from the background under the shape; colour B part of the way
+    # from A to a random colour (textures modulate the fill without breaking the silhouette)
+    weight = coverage / np.maximum(coverage.sum(axis=(1, 2), keepdims=True), f32(1e-6))
+    bg_under = np.einsum("ncyx,nyx->nc", img, weight)
+    col_a = _contrast_colour(col(_S_COL_A), bg_under, u[:, _S_JITTER])
+    lo, hi = _PARAMS["fill_contrast"]
+    towards = (f32(lo) + f32(hi - lo) * u[:, _S_JITTER + 1])[:, None]
+    col_b = col_a + (col(_S_COL_B) - col_a) * towards
     fill_kind = np.minimum((u[:, _S_FILL_KIND] * 5).astype(np.int64), 4)
     lo, hi = _PARAMS["fill_freq"]
     # cycles per unit radius, capped so that a period spans at least min_period_px pixels
