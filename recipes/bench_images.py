@@ -38,11 +38,17 @@ the same step without caching at the largest batch that stays within the same bu
 doubling from ``--search-start`` (256) images in children killed once their RSS passes it (and
 by halving, should 256 images not fit).
 
-Outputs in ``--out`` (default ``docs/bench``): ``images_<device>.json`` (configuration,
+Outputs in ``--out`` (default ``docs/bench``): ``images_<tag>.json`` (configuration,
 environment, one row per measurement, tagged with device name, torch version, threads and date),
-rows appended to ``images_<device>.csv``, and ``images_<device>.png`` (images/s and peak memory
-against the batch, one line per backbone and chunking). ``--single`` writes
-``images_single_<device>.json`` and appends to the same CSV.
+``images_<tag>.png`` (images/s and peak memory against the batch, one line per backbone and
+chunking) and rows appended to ``images_<device>.csv``; ``--single`` writes
+``images_single_<tag>.json`` and appends to the same CSV. The tag is the device (cpu, cuda),
+followed by ``_<method>`` for a method other than simclr and ``_t<N>`` for ``--threads N``.
+
+On a CPU shared with other processes, two threads per process stall at every parallel region
+whenever the other core is taken (the loss of 512 views measured 3 ms on a quiet machine and
+0.3 s on a loaded one); ``cpu_per_wall`` well below the thread count flags such rows, and
+``--threads 1`` gives numbers that depend far less on the neighbours.
 """
 from __future__ import annotations
 
@@ -871,6 +877,17 @@ def format_single(result: dict) -> str:
     return text + f"\nuncached batches tried: {tried}"
 
 
+def file_tag(cfg: BenchImagesConfig) -> str:
+    """``<device>``, then ``_<method>`` unless simclr and ``_t<threads>`` when --threads is
+    given, so that runs of other settings do not replace the default run's files."""
+    tag = "cuda" if cfg.on_cuda else "cpu"
+    if cfg.method != "simclr":
+        tag += f"_{cfg.method}"
+    if cfg.threads:
+        tag += f"_t{cfg.threads}"
+    return tag
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
@@ -888,12 +905,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.single:
         result = run_single(cfg)
         table = format_single(result)
-        path = out / f"images_single_{dev}.json"
+        path = out / f"images_single_{file_tag(cfg)}.json"
     else:
         result = run_sweep(cfg)
         table = format_rows(result["rows"])
-        path = out / f"images_{dev}.json"
-        plot_rows(result["rows"], out / f"images_{dev}.png",
+        path = out / f"images_{file_tag(cfg)}.json"
+        plot_rows(result["rows"], path.with_suffix(".png"),
                   f"{cfg.method}, {cfg.image_size} px, {result['environment']['device_name']}, "
                   f"{result['environment']['threads']} threads",
                   None if cfg.on_cuda else cfg.mem_budget_gb)

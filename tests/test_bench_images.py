@@ -21,7 +21,7 @@ def test_tiny_sweep_with_and_without_chunking(tmp_path, capsys):
     out = capsys.readouterr().out
     for column in ("backbone", "images/s", "loss share", "loader img/s", "peak mem"):
         assert column in out
-    result = json.loads((tmp_path / "images_cpu.json").read_text())
+    result = json.loads((tmp_path / "images_cpu_t1.json").read_text())  # tag: --threads 1
     rows = result["rows"]
     assert [r["chunk"] for r in rows] == [0, 4]
     for r in rows:
@@ -43,7 +43,7 @@ def test_tiny_sweep_with_and_without_chunking(tmp_path, capsys):
         # tags
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["threads"] == 1
         datetime.datetime.fromisoformat(r["date"])
-    assert (tmp_path / "images_cpu.png").stat().st_size > 0
+    assert (tmp_path / "images_cpu_t1.png").stat().st_size > 0
     with (tmp_path / "images_cpu.csv").open() as fh:
         table = list(csv.reader(fh))
     assert table[0] == ROW_FIELDS and len(table) == 3
@@ -57,7 +57,7 @@ def test_tiny_single_reports_no_uncached_batch_when_none_fits(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "gradient caching" in out and "no batch fits" in out
-    result = json.loads((tmp_path / "images_single_cpu.json").read_text())
+    result = json.loads((tmp_path / "images_single_cpu_t1.json").read_text())
     cached = result["cached"]
     assert cached["status"] == "ok", cached["message"]
     assert (cached["batch"], cached["views"], cached["chunk"]) == (8, 16, 4)
