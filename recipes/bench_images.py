@@ -227,14 +227,9 @@ def _int_list(flag: str, text: str, *, minimum: int) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _positive(flag: str, value: float | None, *, integer: bool = False,
-              allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        what = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{flag} {value!r}: expected {what} {'integer' if integer else 'number'}")
+def _positive(flag: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag} {value!r}: expected a positive number")
 
 
 def _resolve_device(text: str) -> str:

@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from recipes.bench_images import (ROW_FIELDS, _row, _step_spec, build_bench_method, config_from_args,
-                                  main, pretrain_step, run_measurement)
+from modalities.image.methods import METHODS
+from recipes.bench_images import (ROW_FIELDS, _measure_step, _row, _step_spec, build_bench_method,
+                                  config_from_args, main, pretrain_step, run_measurement)
 
 TINY = ["--backbones", "small_cnn", "--batch-sizes", "8", "--image-size", "16", "--repeats", "1",
         "--warmup", "0", "--threads", "1"]
@@ -96,6 +97,19 @@ def test_pretrain_step_updates_the_encoder_and_returns_view_major_outputs():
         direct = method(views[:, 1])["projection"]
         rows = method(views.transpose(0, 1).reshape(8, 3, 16, 16))["projection"]
     torch.testing.assert_close(rows[4:], direct)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_step_is_measured(method):
+    # in this process (the child's function): labels, targets (moco, byol), one view (supervised)
+    views = 1 if method == "supervised" else 2
+    spec = {"kind": "step", "backbone": "small_cnn", "method": method, "cifar_stem": True,
+            "image_size": 16, "batch": 24, "chunk": 10 if views == 2 else 0, "repeats": 1,
+            "warmup": 0, "device": "cpu", "threads": 0, "optimizer": "adamw", "seed": 0}
+    res = _measure_step(spec)
+    assert res["seconds_per_step_median"] > 0 and res["loss_seconds_median"] > 0
+    assert res["loss_seconds_median"] < res["seconds_per_step_median"]
+    assert res["peak_mem_bytes"] > 0 and res["peak_mem_kind"] == "rss"
 
 
 @pytest.mark.parametrize("flags, named", [
