@@ -1,10 +1,10 @@
 """Throughput and memory of one image pre-training step (SimCLR and its family), with and
 without gradient caching.
 
-    python -m recipes.bench_images                          # small_cnn, resnet18, resnet50 x 64, 256
-    python -m recipes.bench_images --quick                  # small_cnn only, about a minute
+    python -m recipes.bench_images            # small_cnn, resnet18, resnet50 x 64, 256 images
+    python -m recipes.bench_images --quick    # small_cnn only, about a minute
+    python -m recipes.bench_images --single   # issue 7's target: 8192 images, 4 GB
     python -m recipes.bench_images --backbones resnet18 --batch-sizes 64,256,1024 --chunk-size 0,256
-    python -m recipes.bench_images --single                 # issue 7's target: 8192 images, 4 GB
 
 Sweep (the default): for every (backbone, batch, chunk) a fresh child process builds the method
 (backbone + projection head, :func:`modalities.image.methods.build_method`) and an SGD optimizer,
@@ -804,7 +804,8 @@ def run_single(cfg: BenchImagesConfig) -> dict[str, Any]:
     cached = _row(cfg, env, spec, run_measurement(spec, safety, cfg.time_budget_s,
                                                   report_every_s=120.0), "single", None)
     _say(f"  {cached['status']}: " + (
-        f"{cached['seconds_per_step_median']:.1f} s/step, peak {fmt_bytes(cached['peak_mem_bytes'])}"
+        f"{cached['seconds_per_step_median']:.1f} s/step, "
+        f"peak {fmt_bytes(cached['peak_mem_bytes'])}"
         if cached["status"] == "ok" else cached["message"]))
 
     search: list[dict] = []
