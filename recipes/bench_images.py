@@ -360,7 +360,8 @@ def build_bench_method(backbone: str, *, method: str = "simclr", cifar_stem: boo
 def pretrain_step(method: torch.nn.Module, views: torch.Tensor, labels: torch.Tensor,
                   chunk_size: int | None, optimizer: torch.optim.Optimizer, step: int = 0,
                   total_steps: int = 1) -> tuple[torch.Tensor, Any, dict, dict | None]:
-    """One training step as ``recipes.simclr_images`` runs it.
+    """One training step as ``recipes.simclr_images`` runs it (its :func:`train_step`, then the
+    optimizer step and the method's ``on_step_end``).
 
     ``views`` (B, V, 3, h, w) are made view-major rows (V B, 3, h, w) (rows v B .. (v+1) B - 1 =
     view v); the target branch (moco, byol) embeds them without gradients; the online branch and
@@ -370,26 +371,13 @@ def pretrain_step(method: torch.nn.Module, views: torch.Tensor, labels: torch.Te
     Returns ``(loss detached, stats, online outputs detached, target outputs or None)``: the
     embeddings the loss saw, so that its cost can be timed on them alone.
     """
-    from recipes.common.grad_cache import Tower, grad_cache_step
+    from recipes.simclr_images import train_step
 
-    b, v = views.shape[:2]
-    rows = views.transpose(0, 1).reshape(v * b, *views.shape[2:])
-    target = None
-    if method.uses_target:
-        step_rows = chunk_size or rows.shape[0]
-        parts = [method.forward_target(rows[i:i + step_rows])
-                 for i in range(0, rows.shape[0], step_rows)]
-        target = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-    def loss_fn(outputs):
-        return method.loss(outputs[0], target, labels, v)
-
-    loss, stats, outputs = grad_cache_step([Tower(method, rows, method, forward_no_grad=method)],
-                                           loss_fn, chunk_size)
+    loss, stats, online, target = train_step(method, method, views, labels, chunk_size)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     method.on_step_end(step, total_steps)
-    return loss, stats, outputs[0], target
+    return loss, stats, online, target
 
 
 def _sync(device: torch.device) -> None:

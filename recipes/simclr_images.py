@@ -384,8 +384,8 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
         for group in optimizer.param_groups:
             group["lr"] = lr
         method.train()
-        loss, stats = _train_step(method, train_model, x.to(device), labels.to(device),
-                                  config.chunk_size or None)
+        loss, stats, _, _ = train_step(method, train_model, x.to(device), labels.to(device),
+                                       config.chunk_size or None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         method.on_step_end(step, total)
@@ -450,9 +450,14 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
     return result
 
 
-def _train_step(method, train_model, x: torch.Tensor, labels: torch.Tensor,
-                chunk_size: int | None) -> tuple[torch.Tensor, dict]:
-    """One step's gradients. ``x`` (B, V, 3, h, w) -> view-major rows (V*B, 3, h, w)."""
+def train_step(method, train_model, x: torch.Tensor, labels: torch.Tensor,
+               chunk_size: int | None) -> tuple[torch.Tensor, dict, dict, dict | None]:
+    """One step's gradients (the optimizer step is the caller's). ``x`` (B, V, 3, h, w) becomes
+    view-major rows (V*B, 3, h, w): rows [v*B, (v+1)*B) are view v. The target branch (moco,
+    byol) embeds them without gradients (in chunks of ``chunk_size``); the online branch and the
+    loss go through :func:`recipes.common.grad_cache.grad_cache_step` (``train_model`` is the
+    DDP-wrapped method under torchrun). Returns ``(loss detached, stats, online outputs
+    detached, target outputs or None)``: the embeddings the loss saw."""
     from recipes.common.grad_cache import Tower, grad_cache_step
 
     b, v = x.shape[:2]
@@ -467,10 +472,10 @@ def _train_step(method, train_model, x: torch.Tensor, labels: torch.Tensor,
         return method.loss(outputs[0], target, labels, v)
 
     no_sync = getattr(train_model, "no_sync", None)
-    loss, stats, _ = grad_cache_step(
+    loss, stats, outputs = grad_cache_step(
         [Tower(train_model, rows, method, forward_no_grad=method, no_sync=no_sync)],
         loss_fn, chunk_size)
-    return loss, stats
+    return loss, stats, outputs[0], target
 
 
 class _Evaluator:

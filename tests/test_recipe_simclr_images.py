@@ -111,7 +111,7 @@ def test_recipe_step_with_gradient_caching_equals_autograd_on_the_same_chunks(tm
     import copy
 
     from recipes.image_setup import build_config
-    from recipes.simclr_images import _build, _train_step
+    from recipes.simclr_images import _build, train_step
 
     values = {k: v for k, v in TINY.items() if k != "settings"}
     config = build_config({**values, "settings": TINY["settings"]}, {"method": method})
@@ -120,7 +120,7 @@ def test_recipe_step_with_gradient_caching_equals_autograd_on_the_same_chunks(tm
     reference = copy.deepcopy(model)
     x = torch.randn(16, 2, 3, 16, 16)
     labels = torch.arange(16) % 4
-    _train_step(model, model, x, labels, 16)
+    train_step(model, model, x, labels, 16)
 
     rows = x.transpose(0, 1).reshape(32, 3, 16, 16)
     target = None
