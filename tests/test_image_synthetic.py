@@ -1,4 +1,5 @@
 """The generated shapes dataset: labels, masks, determinism, nuisance statistics, folder export."""
+import re
 import time
 
 import numpy as np
@@ -131,8 +132,14 @@ def test_generation_speed():
 
 
 def test_version():
-    assert isinstance(SHAPES_VERSION, str) and SHAPES_VERSION.startswith("2-") and len(SHAPES_VERSION) == 14
+    assert isinstance(SHAPES_VERSION, str) and re.fullmatch(r"[0-9]+-[0-9a-f]{12}", SHAPES_VERSION)
     assert set(SHAPE_CLASSES) <= set(SHAPE_LIBRARY)
+    # any generator parameter is part of the version
+    from modalities.image import synthetic
+    assert synthetic._version() == SHAPES_VERSION
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(synthetic._PARAMS, "scale", (0.3, 0.71))
+        assert synthetic._version() != SHAPES_VERSION
     with pytest.raises(ValueError, match="shape=10"):
         shape_signed_distance(10, np.zeros(1), np.zeros(1), np.zeros(1))
 
