@@ -261,7 +261,9 @@ def _loader(config: ImagePretrainConfig, data, method, info: D.DistInfo):
     else:
         sampler = EpochBatchSampler(len(train), config.batch_size, seed=config.seed,
                                     rank=info.rank, world_size=info.world_size)
-    views = AugmentedViews(train.images, train.labels, simclr_transform(config.image_size),
+    views = AugmentedViews(train.images, train.labels,
+                           simclr_transform(config.image_size,
+                                            crop_scale=(config.crop_min_scale, 1.0)),
                            n_views=method.n_views, seed=config.seed)
     return sampler, views, collate_views
 
@@ -491,7 +493,8 @@ class _Evaluator:
         gen = torch.Generator().manual_seed(config.seed + 17)
         self.diag_index = torch.randperm(len(data.test), generator=gen)[:n]
         aug = AugmentedViews(data.test.images[self.diag_index], data.test.labels[self.diag_index],
-                             simclr_transform(config.image_size), n_views=2,
+                             simclr_transform(config.image_size,
+                                              crop_scale=(config.crop_min_scale, 1.0)), n_views=2,
                              seed=config.seed + 1)
         pairs = torch.stack([aug[(i, 0)][0] for i in range(n)])  # (n, 2, 3, h, w), fixed
         self.diag_views = (pairs[:, 0], pairs[:, 1])
