@@ -187,18 +187,18 @@ def test_all_unreadable(tmp_path):
 def test_class_folder_dataset(tmp_path):
     written = make_classes(tmp_path, {"train": {"a": 2, "b": 1}})
     paths, labels, classes = scan_class_folder(tmp_path / "train")
-    bad = tmp_path / "train" / "a" / "0.png"
+    bad = tmp_path / "train" / "a" / "1.png"
     bad.write_bytes(b"broken")
     ds = ClassFolderDataset(paths, labels)
-    image, label = ds[1]
+    image, label = ds[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 8, 8) and label == 0
-    np.testing.assert_array_equal(as_hwc(image), written[paths[1]])
+    np.testing.assert_array_equal(as_hwc(image), written[paths[0]])
     with pytest.warns(UserWarning, match=re.escape(str(bad))):
-        image, label = ds[0]            # the next readable image instead
-    np.testing.assert_array_equal(as_hwc(image), written[paths[1]])
-    assert label == 0
+        image, label = ds[1]            # the next readable image instead, with its label
+    np.testing.assert_array_equal(as_hwc(image), written[paths[2]])
+    assert label == 1
     with pytest.raises(BadImageError, match=re.escape(str(bad))):
-        ClassFolderDataset(paths, labels, strict=True)[0]
+        ClassFolderDataset(paths, labels, strict=True)[1]
     out, _ = ClassFolderDataset(paths, labels, transform=lambda x: x.float() / 255, size=4)[2]
     assert out.shape == (3, 4, 4) and out.dtype == torch.float32
     with pytest.raises(ValueError, match="2 labels for 3 paths"):

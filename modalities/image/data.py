@@ -249,10 +249,13 @@ def _map(fn: Callable, items: Sequence, workers: int, progress: bool, desc: str)
     bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="img")
     try:
         if workers > 0 and len(items) > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
                 for result in pool.map(fn, items):
                     bar.update(1)
                     yield result
+            finally:  # on an error, drop the files not decoded yet instead of decoding them all
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             for item in items:
                 result = fn(item)
@@ -485,11 +488,13 @@ class ClassFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> torch.Tensor:
-        """The uint8 (3, H, W) image at `index` (or the next readable one, see the class doc)."""
+    def load(self, index: int, *, return_index: bool = False) -> torch.Tensor | tuple[torch.Tensor, int]:
+        """The uint8 (3, H, W) image at `index` (or the next readable one, see the class doc);
+        with return_index, also the index of the image returned (whose label applies)."""
         n = len(self.paths)
         for step in range(n):
-            path = self.paths[(index + step) % n]
+            used = (index + step) % n
+            path = self.paths[used]
             try:
                 arr = decode_image(path, self.size)
             except BadImageError as err:
@@ -499,14 +504,15 @@ class ClassFolderDataset(torch.utils.data.Dataset):
                     self._warned.add(path)
                     warnings.warn(f"skipping unreadable image '{path}': {err.reason}", stacklevel=2)
                 continue
-            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            return (image, used) if return_index else image
         raise BadImageError(self.paths[index % n], "no readable image in the whole dataset")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.load(int(index))
+        image, used = self.load(int(index), return_index=True)
         if self.transform is not None:
             image = self.transform(image)
-        return image, int(self.labels[index])
+        return image, int(self.labels[used])
 
 
 # ----------------------------------------------------------------------------- segmentation

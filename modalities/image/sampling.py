@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Iterator, Sequence
 
@@ -293,6 +294,8 @@ class AugmentedViews(torch.utils.data.Dataset):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"{name}: seed={seed!r}; expected an integer")
         self.images, self.labels, self.transform = images, labels, transform
+        self._load_returns_index = (not isinstance(images, torch.Tensor)
+                                    and "return_index" in inspect.signature(images.load).parameters)
         self.n_views, self.seed = n_views, seed
 
     def __len__(self) -> int:
@@ -300,10 +303,14 @@ class AugmentedViews(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
         index, epoch = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
+        label_index = index
         if isinstance(self.images, torch.Tensor):
             image = self.images[index]
         else:
-            image = self.images.load(index)
+            if self._load_returns_index:  # another image may stand in for an unreadable one
+                image, label_index = self.images.load(index, return_index=True)
+            else:
+                image = self.images.load(index)
         # Per-image ops on small tensors lose more to intra-op thread synchronisation than they
         # gain (about 15x slower with 2 threads on a busy 2-core machine): run them on one thread.
         threads = torch.get_num_threads()
@@ -316,7 +323,7 @@ class AugmentedViews(torch.utils.data.Dataset):
         finally:
             if threads > 1:
                 torch.set_num_threads(threads)
-        return views, int(self.labels[index])
+        return views, int(self.labels[label_index])
 
 
 def collate_views(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
