@@ -242,3 +242,9 @@ def test_views_from_lazy_dataset(tmp_path):
         assert torch.equal(lazy[(i, 2)][0], eager[(i, 2)][0]) and lazy[i][1] == eager[i][1]
     with pytest.raises(ValueError, match="2 labels for 3 images"):
         AugmentedViews(data, [0, 1], eval_transform(16))
+    # an unreadable file: the next image stands in, with its own label
+    paths[0].write_bytes(b"broken")
+    lazy = AugmentedViews(ClassFolderDataset(paths, [0, 1, 1]), None, eval_transform(16), n_views=1)
+    with pytest.warns(UserWarning, match="0.png"):
+        views, label = lazy[(0, 0)]
+    assert torch.equal(views, eager[(1, 0)][0]) and label == 1
