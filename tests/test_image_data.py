@@ -92,7 +92,8 @@ def test_modes_converted_to_rgb(tmp_path):
     rgba = RNG.integers(0, 256, (6, 5, 4), dtype=np.uint8)
     rgba[0, 0, 3], rgba[0, 1, 3] = 0, 255
     save(d / "1_rgba.png", rgba)
-    palette = Image.fromarray(RNG.integers(0, 256, (6, 5, 3), dtype=np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE, colors=7)
+    palette = Image.fromarray(RNG.integers(0, 256, (6, 5, 3), dtype=np.uint8))
+    palette = palette.convert("P", palette=Image.Palette.ADAPTIVE, colors=7)
     palette.save(d / "2_palette.png")
     deep = RNG.integers(0, 65536, (6, 5), dtype=np.uint16)
     save(d / "3_gray16.png", deep)
