@@ -25,7 +25,7 @@ from typing import Any
 
 from cpc.model import CPCModelConfig
 from recipes.common.evaluation import ProbeConfig
-from recipes.common.config import apply_values as _apply
+from recipes.common.config import layered_config
 from recipes.common.config import read_config_file  # noqa: F401  (the recipe imports it from here)
 
 PRESETS = ("auto", "paper", "cpu-quick")
@@ -102,20 +102,8 @@ def build_config(file_values: dict[str, Any] | None = None,
                  overrides: dict[str, Any] | None = None, *, cuda: bool = False
                  ) -> CPCSpeechConfig:
     """Preset, then ``file_values``, then ``overrides`` (None values ignored)."""
-    file_values = dict(file_values or {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    preset = overrides.get("preset", file_values.get("preset", "auto"))
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: expected one of {PRESETS}")
-    device = overrides.get("device", file_values.get("device", "auto"))
-    if preset == "auto":
-        on_cuda = str(device).startswith("cuda") or (device == "auto" and cuda)
-        preset = "paper" if on_cuda else "cpu-quick"
-    config = CPCSpeechConfig()
-    _apply(config, preset_values(preset), "preset.")
-    _apply(config, file_values, "config.")
-    _apply(config, overrides, "--")
-    config.preset = preset
+    config = layered_config(CPCSpeechConfig(), PRESETS, preset_values, file_values, overrides,
+                            cuda=cuda, gpu_preset="paper", cpu_preset="cpu-quick")
     # re-run the nested validations on the final values
     config.model = CPCModelConfig(**dataclasses.asdict(config.model))
     config.probe = ProbeConfig(**dataclasses.asdict(config.probe))

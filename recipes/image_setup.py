@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipes.common.config import apply_values
+from recipes.common.config import layered_config
 
 PRESETS = ("auto", "cpu-quick", "cifar")
 OPTIMIZERS = ("adamw", "sgd")
@@ -121,20 +121,8 @@ def build_config(file_values: dict[str, Any] | None = None,
                  overrides: dict[str, Any] | None = None, *, cuda: bool = False
                  ) -> ImagePretrainConfig:
     """The preset, then ``file_values``, then ``overrides`` (None values ignored); validated."""
-    file_values = dict(file_values or {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    preset = overrides.get("preset", file_values.get("preset", "auto"))
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: expected one of {PRESETS}")
-    device = overrides.get("device", file_values.get("device", "auto"))
-    if preset == "auto":
-        on_cuda = str(device).startswith("cuda") or (device == "auto" and cuda)
-        preset = "cifar" if on_cuda else "cpu-quick"
-    config = ImagePretrainConfig()
-    apply_values(config, preset_values(preset), "preset.")
-    apply_values(config, file_values, "config.")
-    apply_values(config, overrides, "--")
-    config.preset = preset
+    config = layered_config(ImagePretrainConfig(), PRESETS, preset_values, file_values,
+                            overrides, cuda=cuda, gpu_preset="cifar", cpu_preset="cpu-quick")
     config.settings = MethodSettings(**dataclasses.asdict(config.settings))
     validate(config)
     return config

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -69,3 +69,26 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any],
 
     walk(saved, current, "")
     return out
+
+
+def layered_config(config: Any, presets: tuple[str, ...], preset_values: Callable[[str], dict],
+                   file_values: dict[str, Any] | None, overrides: dict[str, Any] | None, *,
+                   cuda: bool, gpu_preset: str, cpu_preset: str) -> Any:
+    """Fill dataclass ``config`` from its preset, then ``file_values`` (a ``--config`` file),
+    then ``overrides`` (flags; None values ignored); later wins. The preset ``"auto"`` becomes
+    ``gpu_preset`` when the device is (or, for ``"auto"``, would be) CUDA, else ``cpu_preset``;
+    the resolved name is stored in ``config.preset``."""
+    file_values = dict(file_values or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = overrides.get("preset", file_values.get("preset", "auto"))
+    if preset not in presets:
+        raise ValueError(f"preset={preset!r}: expected one of {presets}")
+    device = overrides.get("device", file_values.get("device", "auto"))
+    if preset == "auto":
+        on_cuda = str(device).startswith("cuda") or (device == "auto" and cuda)
+        preset = gpu_preset if on_cuda else cpu_preset
+    apply_values(config, preset_values(preset), "preset.")
+    apply_values(config, file_values, "config.")
+    apply_values(config, overrides, "--")
+    config.preset = preset
+    return config
