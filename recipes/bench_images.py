@@ -60,24 +60,20 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from recipes.bench.harness import (POLL_S, RESULT_MARK, mem_available_bytes, proc_status_kb,
+from recipes.bench.harness import (RESULT_MARK, mem_available_bytes, proc_status_kb,
                                    quantiles)
 from recipes.bench.report import device_name, fmt_bytes, git_commit
 from recipes.common.logging import format_table
 
 PROG = "python -m recipes.bench_images"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BACKBONES = ("small_cnn", "resnet18", "resnet50")
 DEFAULT_BATCH_SIZES = (64, 256)
 DEFAULT_CHUNK_SIZES = (0, 256)
@@ -513,70 +509,30 @@ def worker() -> None:
 
 def run_measurement(spec: dict, kill_rss_bytes: float, time_budget_s: float, *,
                     report_every_s: float | None = None) -> dict:
-    """Run one measurement in a child process, killing it (SIGKILL) once its RSS passes
-    ``kill_rss_bytes`` (CPU only) or it runs past ``time_budget_s``; with ``report_every_s``,
-    print the elapsed time and the child's RSS that often (long single steps).
+    """Run one measurement in a child process (:func:`recipes.bench.harness.run_child` with
+    this module's :func:`worker`), killing it (SIGKILL) once its RSS passes ``kill_rss_bytes``
+    (CPU only) or it runs past ``time_budget_s``; with ``report_every_s``, print the elapsed
+    time and the child's RSS that often (long single steps).
 
     Returns the child's result (``status`` "ok", "oom", "error", "over-mem-budget",
     "over-time-budget") plus ``wall_s``, ``child_maxrss_bytes`` (the kernel's peak RSS of the
     child, ``ru_maxrss`` from ``wait4``) and ``max_polled_rss_bytes``.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"]
-                                          if env.get("PYTHONPATH") else "")
-    code = "from recipes.bench_images import worker; worker()"
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=str(REPO_ROOT))
-    chunks: dict[str, list[str]] = {"out": [], "err": []}
-    readers = [threading.Thread(target=lambda s=s, k=k: chunks[k].append(s.read()), daemon=True)
-               for s, k in ((proc.stdout, "out"), (proc.stderr, "err"))]
-    for t in readers:
-        t.start()
-    started = time.monotonic()
-    killed_for = None
-    max_rss = 0
-    on_cuda = spec["device"].startswith("cuda")
-    next_report = report_every_s
-    while True:
-        pid, status_code, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            break
-        rss = (proc_status_kb("VmRSS", str(proc.pid)) or 0) * 1024
-        max_rss = max(max_rss, rss)
-        elapsed = time.monotonic() - started
-        if next_report is not None and elapsed >= next_report:
+    from recipes.bench.harness import run_child
+
+    next_report = [report_every_s]
+
+    def on_poll(elapsed: float, rss: int, max_rss: int) -> None:
+        if next_report[0] is not None and elapsed >= next_report[0]:
             _say(f"  ... {elapsed:.0f} s, RSS {fmt_bytes(rss)} (max so far {fmt_bytes(max_rss)})")
-            next_report += report_every_s
-        if killed_for is None and not on_cuda and rss > kill_rss_bytes:
-            killed_for = "over-mem-budget"
-            proc.send_signal(signal.SIGKILL)
-        elif killed_for is None and time.monotonic() - started > time_budget_s:
-            killed_for = "over-time-budget"
-            proc.send_signal(signal.SIGKILL)
-        time.sleep(POLL_S)
-    returncode = os.waitstatus_to_exitcode(status_code)
-    for t in readers:
-        t.join(timeout=5)
-    stdout, stderr = "".join(chunks["out"]), "".join(chunks["err"])
-    result: dict[str, Any] = {}
-    for line in stdout.splitlines():
-        if line.startswith(RESULT_MARK):
-            result = json.loads(line[len(RESULT_MARK):])
-    if killed_for is not None:
-        limit = (f"RSS passed {kill_rss_bytes / 1e9:.2f} GB" if killed_for == "over-mem-budget"
-                 else f"ran past {time_budget_s:.0f} s")
-        result = {"status": killed_for, "message": f"killed: {limit}"}
-    elif not result:
-        if returncode == -signal.SIGKILL:
-            result = {"status": "oom", "message": "child killed by SIGKILL (out of memory)"}
-        else:
-            tail = stderr.strip().splitlines()[-3:]
-            result = {"status": "error",
-                      "message": f"child exited with {returncode}: " + " | ".join(tail)}
-    result["wall_s"] = time.monotonic() - started
-    result["child_maxrss_bytes"] = usage.ru_maxrss * 1024 if usage is not None else None
-    result["max_polled_rss_bytes"] = max_rss
+            next_report[0] += report_every_s
+
+    result = run_child(spec, kill_rss_bytes, time_budget_s, worker_module="recipes.bench_images",
+                       on_poll=on_poll)
+    if result.get("status") == "over-mem-budget":
+        result["message"] = f"killed: RSS passed {kill_rss_bytes / 1e9:.2f} GB"
+    elif result.get("status") == "over-time-budget":
+        result["message"] = f"killed: ran past {time_budget_s:.0f} s"
     return result
 
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .config import DTYPES, REPO_ROOT
 
@@ -243,8 +243,14 @@ def worker() -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
-def run_child(spec: dict, mem_budget_bytes: float, time_budget_s: float) -> dict:
+def run_child(spec: dict, mem_budget_bytes: float, time_budget_s: float, *,
+              worker_module: str = "recipes.bench.harness",
+              on_poll: Callable[[float, int, int], None] | None = None) -> dict:
     """Run one measurement in a child process, watching its memory and time.
+
+    The child runs ``worker()`` of ``worker_module`` with ``spec`` as JSON in argv[1] and prints
+    its result after ``RESULT_MARK``. ``on_poll(elapsed_s, rss, max_rss)`` is called at every
+    poll (progress reports of long steps).
 
     Returns the child's result dict (``status`` "ok" with the numbers, or "oom", "error",
     "not-available", "over-mem-budget", "over-time-budget"), plus ``wall_s``,
@@ -254,7 +260,7 @@ def run_child(spec: dict, mem_budget_bytes: float, time_budget_s: float) -> dict
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"]
                                           if env.get("PYTHONPATH") else "")
-    code = "from recipes.bench.harness import worker; worker()"
+    code = f"from {worker_module} import worker; worker()"
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=str(REPO_ROOT))
@@ -274,6 +280,8 @@ def run_child(spec: dict, mem_budget_bytes: float, time_budget_s: float) -> dict
             break
         rss = (proc_status_kb("VmRSS", str(proc.pid)) or 0) * 1024
         max_seen_rss = max(max_seen_rss, rss)
+        if on_poll is not None:
+            on_poll(time.monotonic() - started, rss, max_seen_rss)
         if killed_for is None and not on_cuda and rss > mem_budget_bytes:
             killed_for = "over-mem-budget"
             proc.send_signal(signal.SIGKILL)
