@@ -129,14 +129,6 @@ def _log(info: D.DistInfo, *parts: Any) -> None:
         print(*parts, flush=True)
 
 
-def _time_is_up(t0: float, limit: float, info: D.DistInfo, device: torch.device) -> bool:
-    """Whether the training time limit is reached; rank 0 decides for all ranks."""
-    up = torch.tensor([float(time.perf_counter() - t0 >= limit)], device=device)
-    if info.enabled:
-        torch.distributed.broadcast(up, src=0)
-    return bool(up.item())
-
-
 def lr_at(step: int, config: CPCSpeechConfig) -> float:
     """Linear warm-up over ``warmup_steps``, then constant (independent of ``steps``, so a run
     extended with --resume --steps N follows the same schedule)."""
@@ -268,7 +260,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     batches = iter(sampler)
     stopped_early = False
     for step in range(start_step, config.steps):
-        if config.train_seconds and _time_is_up(t_train, config.train_seconds, info, device):
+        if config.train_seconds and D.time_is_up(t_train, config.train_seconds, info, device):
             stopped_early = True
             save(step)
             _log(info, f"\ntraining time limit ({config.train_seconds:.0f}s) reached after "

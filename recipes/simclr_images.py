@@ -224,13 +224,6 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _time_is_up(t0: float, limit: float, info: D.DistInfo, device: torch.device) -> bool:
-    up = torch.tensor([float(time.perf_counter() - t0 >= limit)], device=device)
-    if info.enabled:
-        torch.distributed.broadcast(up, src=0)
-    return bool(up.item())
-
-
 def _build(config: ImagePretrainConfig, num_classes: int):
     from modalities.image.backbones import build_backbone
     from modalities.image.methods import MethodConfig, build_method
@@ -376,7 +369,7 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
         last_diag = evaluator.diagnostics(method, 0, knn=True)
         metrics.write(last_diag)
     for step in range(start, end):
-        if config.train_seconds and _time_is_up(t_train, config.train_seconds, info, device):
+        if config.train_seconds and D.time_is_up(t_train, config.train_seconds, info, device):
             stopped_by_time = True
             save(step)
             log(f"pre-training time limit ({config.train_seconds:.0f}s) reached after {step} steps")

@@ -554,7 +554,21 @@ class NCA(_LabelledProjectionMethod):
 # ----------------------------------------------------------------------------------------------
 # Non-contrastive: BYOL, SimSiam, Barlow Twins, VICReg
 # ----------------------------------------------------------------------------------------------
-class BYOL(_MomentumMethod):
+class _PredictorMixin:
+    """BYOL's and SimSiam's predictor q on top of the projection: adds ``"prediction"``."""
+
+    def __init__(self, config: MethodConfig, encoder: Backbone) -> None:
+        super().__init__(config, encoder)  # type: ignore[call-arg]
+        self.predictor = PredictionHead(config.projection_dim, config.prediction_hidden or config.projection_hidden,
+                                        config.projection_dim)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = super().forward(x)  # type: ignore[misc]
+        out["prediction"] = self.predictor(out["projection"])
+        return out
+
+
+class BYOL(_PredictorMixin, _MomentumMethod):
     r"""BYOL (Grill et al. 2020, "Bootstrap Your Own Latent"): an online encoder, projector and
     predictor q; a target encoder and projector, EMAs of the online ones (cosine schedule from
     ``momentum``, 0.99 on CIFAR, to 1); the symmetrised loss
@@ -568,23 +582,13 @@ class BYOL(_MomentumMethod):
     name = "byol"
     online_keys = ("projection", "prediction")
 
-    def __init__(self, config: MethodConfig, encoder: Backbone) -> None:
-        super().__init__(config, encoder)
-        self.predictor = PredictionHead(config.projection_dim, config.prediction_hidden or config.projection_hidden,
-                                        config.projection_dim)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        out = super().forward(x)
-        out["prediction"] = self.predictor(out["projection"])
-        return out
-
     def _loss(self, online, target, labels, n_views, batch):
         p1, p2 = self._views(online["prediction"], n_views)
         t1, t2 = self._views(target["projection"], n_views)
         return csrc_triton.byol(p1, p2, t1, t2), self._momentum_stats()
 
 
-class SimSiam(_ProjectionMethod):
+class SimSiam(_PredictorMixin, _ProjectionMethod):
     r"""SimSiam (Chen and He 2021, "Exploring Simple Siamese Representation Learning"): one
     network, a projector (with an output BatchNorm) and a predictor h; the loss
 
@@ -597,16 +601,6 @@ class SimSiam(_ProjectionMethod):
 
     name = "simsiam"
     online_keys = ("projection", "prediction")
-
-    def __init__(self, config: MethodConfig, encoder: Backbone) -> None:
-        super().__init__(config, encoder)
-        self.predictor = PredictionHead(config.projection_dim, config.prediction_hidden or config.projection_hidden,
-                                        config.projection_dim)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        out = super().forward(x)
-        out["prediction"] = self.predictor(out["projection"])
-        return out
 
     def _loss(self, online, target, labels, n_views, batch):
         p1, p2 = self._views(online["prediction"], n_views)

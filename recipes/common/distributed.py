@@ -65,3 +65,14 @@ def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def time_is_up(t0: float, limit: float, info: DistInfo, device: torch.device) -> bool:
+    """Whether ``limit`` seconds have passed since ``t0`` (``time.perf_counter``); rank 0
+    decides for every rank, so all stop at the same step."""
+    import time
+
+    up = torch.tensor([float(time.perf_counter() - t0 >= limit)], device=device)
+    if info.enabled:
+        dist.broadcast(up, src=0)
+    return bool(up.item())
