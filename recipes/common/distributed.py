@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -76,3 +77,41 @@ def time_is_up(t0: float, limit: float, info: DistInfo, device: torch.device) ->
     if info.enabled:
         dist.broadcast(up, src=0)
     return bool(up.item())
+
+
+def all_reduce_gradients(module_or_params: torch.nn.Module | Iterable[torch.nn.Parameter],
+                         info: DistInfo) -> None:
+    """Average the ``.grad`` of every parameter over the ranks, for models not wrapped in DDP
+    (the CLIP recipe's towers, whose loss gathers features across ranks itself):
+
+        grad <- (1 / world_size) * sum_r grad_r
+
+    One flat all-reduce per dtype (the gradients are copied into one buffer, reduced, copied
+    back), not one call per tensor. A parameter that requires grad but has none on this rank
+    contributes zeros (and gets the average), so every rank issues the same collective. A
+    no-op in one process.
+
+    Example:
+        >>> loss.backward(); all_reduce_gradients(model, info); optimizer.step()
+    """
+    if not info.enabled:
+        return
+    if isinstance(module_or_params, torch.nn.Module):
+        params = list(module_or_params.parameters())
+    else:
+        params = list(module_or_params)
+    params = [p for p in params if p.requires_grad]
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        flat /= info.world_size
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
