@@ -3,6 +3,7 @@
 Public API:
 * the losses of the log-sum-exp engine: :func:`info_nce` (and MoCo queues), :func:`clip_loss`,
   :func:`nt_xent`, :func:`supcon`, :func:`nca`, :func:`n_pair`, :func:`uniformity`;
+* SigLIP's pairwise sigmoid loss, :func:`siglip` (its own tiled kernels);
 * the distance-based ones: :func:`triplet_margin` (batch-hard, batch-all, semi-hard mining) and
   :func:`drlim`;
 * O(N D) losses in plain PyTorch: :func:`barlow_twins`, :func:`simsiam`, :func:`byol`,
@@ -44,6 +45,7 @@ from .noncontrastive import (
     vicreg,
 )
 from .ops import BACKENDS
+from .siglip import SigLipLoss, siglip
 from .triplet import DrLIMLoss, TripletMarginLoss, drlim, triplet_margin
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "NCALoss",
     "NPairLoss",
     "NTXentLoss",
+    "SigLipLoss",
     "SimSiamLoss",
     "SupConLoss",
     "TripletMarginLoss",
@@ -73,6 +76,7 @@ __all__ = [
     "n_pair",
     "nca",
     "nt_xent",
+    "siglip",
     "simsiam",
     "supcon",
     "triplet_margin",
