@@ -249,12 +249,12 @@ def _tower_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The image towers and text sizes the modules know (the spec's lists while they are not
     importable)."""
     try:
-        from modalities.multimodal import IMAGE_TOWERS
+        from modalities.multimodal.towers import IMAGE_TOWERS
         images = tuple(IMAGE_TOWERS)
     except ImportError:
         images = IMAGE_TOWER_NAMES
     try:
-        from modalities.text import TEXT_SIZES
+        from modalities.text.tower import TEXT_SIZES
         texts = tuple(TEXT_SIZES)
     except ImportError:
         texts = TEXT_TOWER_NAMES
@@ -417,8 +417,9 @@ def build_bench_model(towers: str, *, image_size: int, text_length: int, vocab_s
     (:func:`modalities.text.build_text_model`, "pooler" pooling, no dropout), and
     :class:`modalities.multimodal.DualEncoder` (the SigLIP parameters for ``loss="siglip"``);
     weights seeded by ``seed``."""
-    from modalities.multimodal import DualEncoder, build_image_tower
-    from modalities.text import TextTower, build_text_model
+    from modalities.multimodal.model import DualEncoder
+    from modalities.multimodal.towers import build_image_tower
+    from modalities.text.tower import TextTower, build_text_model
 
     image_name, text_name = towers.split("+")
     torch.manual_seed(seed)
