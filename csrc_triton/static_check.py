@@ -17,13 +17,17 @@ Variants:
   * backward "rows" (query owner, dq in registers): HAS_COL x POS;
   * the positive-index row-dot kernel, the statistics merge (with and without labels) and the
     split sum (one per output dtype).
+  * SigLIP (:mod:`csrc_triton.triton_siglip`, ``family="siglip"``): the forward, every
+    (NEEDS_DQ, NEEDS_DK, WIDE) of its "cols" backward kernel that its ``backward_plan`` can
+    return, and its "rows" kernel, per dtype, with the same shipped tile configurations.
 Runtime scalars (self offset, flags, splits) are compiled as the JIT compiles them, not
 specialised (``triton_lse.RUNTIME_SCALARS``); inputs are assumed contiguous with D a multiple
 of 16 and 16-byte aligned buffers (what the JIT specialises for D = 768).
 
 Usage::
 
-    python -m csrc_triton.static_check            # every variant, sm_90, a table
+    python -m csrc_triton.static_check            # every variant (LSE and SigLIP), sm_90, a table
+    python -m csrc_triton.static_check --family siglip
     python -m csrc_triton.static_check --subset   # the representative ones the tests compile
 
     from csrc_triton.static_check import static_report, format_table
@@ -49,7 +53,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import triton_lse
+from . import triton_lse, triton_siglip
 from .tile_configs import CONFIGS, BackwardConfig, ForwardConfig
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -86,7 +90,13 @@ _KERNELS = {
     "positive_index": lambda: triton_lse._positive_index_kernel,
     "merge": lambda: triton_lse._merge_stats_kernel,
     "sum_splits": lambda: triton_lse._sum_splits_kernel,
+    "siglip_forward": lambda: triton_siglip._siglip_forward_kernel,
+    "siglip_cols": lambda: triton_siglip._siglip_backward_cols_kernel,
+    "siglip_rows": lambda: triton_siglip._siglip_backward_rows_kernel,
 }
+#: kernels with tile products (DOT_PRECISION / UPCAST constexprs, wgmma expected for 16-bit)
+TILE_KERNELS = ("forward", "fused", "rows", "siglip_forward", "siglip_cols", "siglip_rows")
+FAMILIES = ("lse", "siglip", "all")
 
 
 def fused_variants() -> list[tuple[bool, bool, bool]]:
@@ -175,6 +185,51 @@ def variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = Fals
     return [job for job in jobs if _in_subset(job)] if subset else jobs
 
 
+def siglip_cols_variants() -> list[tuple[bool, bool, bool]]:
+    """Every (NEEDS_DQ, NEEDS_DK, WIDE) of SigLIP's "cols" backward kernel, read from
+    :func:`triton_siglip.backward_plan` over all its inputs."""
+    found = set()
+    config = BackwardConfig(block_m=64, block_n=64, block_d=64, block_do=128, num_warps=8, num_stages=3)
+    for d in (64, 768):
+        for needs in range(8):
+            needs_dx, needs_dy, deterministic = (bool(needs >> bit & 1) for bit in range(3))
+            for launch in triton_siglip.backward_plan(4096, 4096, d, config, needs_dx=needs_dx, needs_dy=needs_dy,
+                                                      deterministic=deterministic):
+                if launch["kernel"] == "cols":
+                    found.add((launch["NEEDS_DQ"], launch["NEEDS_DK"], launch["WIDE"]))
+    return sorted(found, reverse=True)
+
+
+def siglip_variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = False) -> list[Job]:
+    """SigLIP's kernels (:mod:`csrc_triton.triton_siglip`) with the shipped configurations: the
+    forward (row-statistics configuration), the "cols" backward variants and the "rows" kernel,
+    per dtype (``subset``: bf16 only, the fused and deterministic forms at narrow and wide D)."""
+    prefix = _ARCH_PREFIX.get(arch, "generic")
+    jobs: list[Job] = []
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtypes must be among {DTYPES}; got {dtype!r}")
+        name = f"{prefix}-{_FAMILY[dtype]}"
+        fwd, bwd = triton_siglip.siglip_configs(name)
+        jobs.append(Job("siglip_forward", (), dtype,
+                        (("BLOCK_M", fwd.block_m), ("BLOCK_N", fwd.block_n), ("BLOCK_D", fwd.block_d)),
+                        fwd.num_warps, fwd.num_stages, name, arch))
+        for needs_dq, needs_dk, wide in siglip_cols_variants():
+            block_do = bwd.wide_block_do if wide else bwd.block_do
+            jobs.append(Job("siglip_cols", (("NEEDS_DQ", needs_dq), ("NEEDS_DK", needs_dk), ("WIDE", wide)), dtype,
+                            (("BLOCK_M", bwd.block_m), ("BLOCK_N", bwd.block_n), ("BLOCK_D", bwd.block_d),
+                             ("BLOCK_DO", block_do)), bwd.num_warps, bwd.num_stages, name, arch))
+        jobs.append(Job("siglip_rows", (), dtype,
+                        (("BLOCK_M", bwd.block_m), ("BLOCK_N", bwd.block_n), ("BLOCK_D", bwd.block_d),
+                         ("BLOCK_DO", bwd.block_do)), bwd.num_warps, bwd.num_stages, name, arch))
+    if subset:
+        keep = {("siglip_forward", ()), ("siglip_rows", ()),
+                ("siglip_cols", (("NEEDS_DQ", True), ("NEEDS_DK", True), ("WIDE", False))),
+                ("siglip_cols", (("NEEDS_DQ", True), ("NEEDS_DK", True), ("WIDE", True)))}
+        jobs = [job for job in jobs if job.dtype == "bf16" and (job.kernel, job.flags) in keep]
+    return jobs
+
+
 def _ptxas_path(arch: int) -> str:
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -223,7 +278,7 @@ def _source(job: Job) -> ASTSource:
     (``do_not_specialize``)."""
     fn = _KERNELS[job.kernel]()
     constexprs: dict = dict(job.flags) | dict(job.blocks)
-    if job.kernel in ("forward", "fused", "rows"):
+    if job.kernel in TILE_KERNELS:
         constexprs["DOT_PRECISION"] = "ieee" if job.dtype == "fp32" else "tf32"
         constexprs["UPCAST"] = False
     if "stride_qd" in fn.arg_names:
@@ -317,7 +372,7 @@ def compile_one(kernel: str, flags: dict, config: ForwardConfig | BackwardConfig
 
 
 def static_report(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = False,
-                  workers: int | None = None) -> list[dict]:
+                  workers: int | None = None, family: str = "lse") -> list[dict]:
     """One row per compiled variant (see :func:`variants`): registers, spill bytes
     (stores/loads), stack frame, shared memory bytes, whether the tile products use ``wgmma``,
     and the number of ``ex2`` instructions in the PTX.
@@ -327,8 +382,14 @@ def static_report(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool =
         dtypes: any of "bf16", "fp16", "fp32"; each is compiled with its dtype family's config.
         subset: only the representative variants (what the test suite compiles).
         workers: compiler processes (default: the CPU count).
+        family: "lse" (the log-sum-exp engine's kernels), "siglip" (SigLIP's) or "all".
     """
-    return compile_jobs(variants(arch, dtypes, subset), workers)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    jobs = variants(arch, dtypes, subset) if family in ("lse", "all") else []
+    if family in ("siglip", "all"):
+        jobs += siglip_variants(arch, dtypes, subset)
+    return compile_jobs(jobs, workers)
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -360,8 +421,10 @@ def _main() -> None:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated (default: all)")
     parser.add_argument("--subset", action="store_true", help="only the representative variants the tests compile")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--family", default="all", choices=FAMILIES,
+                        help="which kernels: the LSE engine's, SigLIP's, or all (default)")
     args = parser.parse_args()
-    rows = static_report(args.arch, args.dtypes.split(","), args.subset)
+    rows = static_report(args.arch, args.dtypes.split(","), args.subset, family=args.family)
     print(format_table(rows))
     spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
     print(f"\n{len(rows)} variants compiled for sm_{args.arch}; {len(spilling)} spill.")

@@ -57,7 +57,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._alloc import empty
-from .tile_configs import BackwardConfig, ForwardConfig, get_configs
+from .tile_configs import CONFIGS, BackwardConfig, ForwardConfig, config_name
 from .triton_lse import (
     _EPILOGUE_BLOCK,
     _dot_precision,
@@ -78,6 +78,28 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 RUNTIME_SCALARS = ("pos_offset", "needs_scalars", "dk_mode", "direct", "col_blocks_per_split",
                    "row_blocks_per_split", "splits")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: Tiles: the LSE engine's (csrc_triton.tile_configs: the row-statistics forward, the backward),
+#: except where SigLIP's kernels need their own. sm_90 fp32 (IEEE products on FMA units, so
+#: registers hold whole fp32 tiles): with the LSE shapes ptxas capped the forward and five of
+#: the seven backward variants at 128 registers and spilled 8-44 bytes; these compile with no
+#: spill (python -m csrc_triton.static_check --family siglip). 16-bit: no spill with the shared ones.
+SIGLIP_OVERRIDES: dict[str, tuple[ForwardConfig, BackwardConfig]] = {
+    "sm90-32": (ForwardConfig(block_m=64, block_n=64, block_d=32, num_warps=8, num_stages=2),
+                BackwardConfig(block_m=32, block_n=64, block_d=32, block_do=32, num_warps=4, num_stages=2,
+                               block_do_wide=16)),
+}
+
+
+def siglip_configs(name: str) -> tuple[ForwardConfig, BackwardConfig]:
+    """(forward, backward) tiles of SigLIP's kernels for a :data:`csrc_triton.tile_configs.CONFIGS` name."""
+    if name in SIGLIP_OVERRIDES:
+        return SIGLIP_OVERRIDES[name]
+    return CONFIGS[name].forward, CONFIGS[name].backward
+
+
+def _configs(device: torch.device, dtype: torch.dtype) -> tuple[ForwardConfig, BackwardConfig]:
+    return siglip_configs(config_name(device, dtype, _interpreting()))
 _INT32_LIMIT = 2**31
 _MAX_D = 2**20
 
@@ -443,7 +465,7 @@ def siglip_forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, offset:
     m = y.shape[0]
     device = x.device
     if config is None:
-        config = get_configs(device, x.dtype, _interpreting()).forward
+        config = _configs(device, x.dtype)[0]
     scale = scale.reshape(()).to(torch.float32)
     bias = bias.reshape(()).to(torch.float32)
     x = _tile_safe(x, config.block_m)
@@ -521,7 +543,7 @@ def siglip_backward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad_rows
     if not isinstance(grad_rows, Tensor) or tuple(grad_rows.shape) != (n,) or grad_rows.device != device:
         raise ValueError(f"grad_rows must be a ({n},) tensor on {device}")
     if config is None:
-        config = get_configs(device, x.dtype, _interpreting()).backward
+        config = _configs(device, x.dtype)[1]
     f32 = dict(dtype=torch.float32, device=device)
     scale = scale.reshape(()).to(torch.float32)
     bias = bias.reshape(()).to(torch.float32)
