@@ -123,9 +123,13 @@ class ImageTower(nn.Module):
         return f"kind={self.kind!r}, spec={self.spec!r}, feature_dim={self.feature_dim}, image_size={self.image_size}"
 
 
-def _resize_positions(model: nn.Module, image_size: int) -> None:
-    """Resize a ViT's position embeddings to ``image_size`` once (bicubic on the patch grid, the
-    [CLS] position unchanged) and record the new size in its config."""
+def _resize_positions(model: nn.Module, image_size: int) -> nn.Module:
+    """A copy of a ViT for ``image_size``: its position embeddings resized once (bicubic on the
+    patch grid, the [CLS] position unchanged, as ViT's ``interpolate_pos_encoding`` does), the
+    other weights unchanged, the config's ``image_size`` updated (a rebuild, so every size the
+    model caches at construction is the new one)."""
+    from transformers import ViTModel
+
     config = model.config
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     if image_size % patch:
@@ -134,9 +138,13 @@ def _resize_positions(model: nn.Module, image_size: int) -> None:
     tokens = 1 + (image_size // patch) ** 2
     with torch.no_grad():
         dummy = torch.zeros(1, tokens, config.hidden_size, dtype=emb.position_embeddings.dtype)
-        new = emb.interpolate_pos_encoding(dummy, image_size, image_size).clone()
-    emb.position_embeddings = nn.Parameter(new)
+        positions = emb.interpolate_pos_encoding(dummy, image_size, image_size).clone()
+    state = model.state_dict()
+    state["embeddings.position_embeddings"] = positions
     config.image_size = image_size
+    resized = ViTModel(config, add_pooling_layer=True)
+    resized.load_state_dict(state, strict=True)
+    return resized
 
 
 def build_image_tower(spec: str, *, image_size: int) -> ImageTower:
@@ -182,7 +190,7 @@ def build_image_tower(spec: str, *, image_size: int) -> ImageTower:
     config.hidden_dropout_prob, config.attention_probs_dropout_prob = 0.0, 0.0
     model = ViTModel.from_pretrained(str(path), config=config, add_pooling_layer=True, local_files_only=True)
     if model.config.image_size != image_size:
-        _resize_positions(model, image_size)
+        model = _resize_positions(model, image_size)
     return ImageTower(model, kind="hf", image_size=image_size, spec=str(path))
 
 
