@@ -132,7 +132,8 @@ def test_shapes_normalisation_and_init(tok):
     assert img.shape == txt.shape == (5, 24)
     torch.testing.assert_close(img.norm(dim=1), torch.ones(5), rtol=0, atol=1e-6)
     torch.testing.assert_close(txt.norm(dim=1), torch.ones(5), rtol=0, atol=1e-6)
-    assert model.image_features(x).shape == (5, 48) and model.text_features(b.input_ids, b.attention_mask).shape == (5, 128)
+    assert model.image_features(x).shape == (5, 48)
+    assert model.text_features(b.input_ids, b.attention_mask).shape == (5, 128)
     assert model.visual_projection.bias is None and model.text_projection.bias is None
     assert model.visual_projection.weight.shape == (24, 48) and model.text_projection.weight.shape == (24, 128)
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07)) and model.logit_bias is None
@@ -205,7 +206,8 @@ def test_siglip_loss_equals_the_formula(tok):
     txt = F.normalize(torch.randn(9, 24, dtype=torch.float64), dim=1).requires_grad_()
     loss = model.loss(img, txt)
     loss.backward()
-    ours = (loss.detach(), img.grad.clone(), txt.grad.clone(), model.logit_scale.grad.clone(), model.logit_bias.grad.clone())
+    ours = (loss.detach(), img.grad.clone(), txt.grad.clone(), model.logit_scale.grad.clone(),
+            model.logit_bias.grad.clone())
     img.grad = txt.grad = None
     log_t = torch.tensor(math.log(7.0), dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
@@ -259,7 +261,9 @@ def test_export_opens_with_transformers_alone(tok, tmp_path):
     with torch.no_grad():
         model.logit_scale.fill_(math.log(30.0))
     assert exportable(model) == (True, "")
+    rng = torch.get_rng_state()
     assert save_dual_encoder(model, tok, tmp_path / "out", image_size=32, mean=MEAN, std=STD) == "transformers"
+    assert torch.equal(torch.get_rng_state(), rng)  # saving does not move a run's generator
     hf = VisionTextDualEncoderModel.from_pretrained(tmp_path / "out", local_files_only=True).eval()
     processor = VisionTextDualEncoderProcessor.from_pretrained(tmp_path / "out", local_files_only=True)
     images, b = _pairs(tok, 6)

@@ -40,7 +40,8 @@ def tok():
 # ---------------------------------------------------------------- tokenizer
 def test_special_tokens_and_framing(tok):
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
-    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    ids = (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id)
+    assert ids == (0, 1, 2, 3, 4)
     assert tok.model_max_length == 12 and len(tok) <= 200
     # words seen many times are whole tokens: "a red circle" is [CLS] a red circle [SEP] [PAD]...
     b = tokenize(tok, ["a red circle", "RED", "two"], max_length=8)
@@ -74,7 +75,8 @@ def test_save_and_reload_give_equal_ids(tok, tmp_path):
     assert has_tokenizer(tmp_path / "tok") and not has_tokenizer(tmp_path)
     texts = ["a small green square on the right", "two big red triangles", "\u00e9t\u00e9 zzz", "red " * 20]
     ref = tokenize(tok, texts, max_length=12)
-    for again in (load_tokenizer(tmp_path / "tok"), AutoTokenizer.from_pretrained(tmp_path / "tok", local_files_only=True)):
+    for again in (load_tokenizer(tmp_path / "tok"),
+                  AutoTokenizer.from_pretrained(tmp_path / "tok", local_files_only=True)):
         got = tokenize(again, texts, max_length=12)
         assert torch.equal(got.input_ids, ref.input_ids) and torch.equal(got.attention_mask, ref.attention_mask)
         assert got.truncated == ref.truncated == 1

@@ -1,6 +1,6 @@
 """Multimodal: image towers, the contrastive text/image dual encoder (CLIP / SigLIP on the fused
 losses of :mod:`csrc_triton`), its save/load (a ``transformers.VisionTextDualEncoderModel`` where
 the towers allow), and image-caption data."""
-from .hf import exportable, load_dual_encoder, save_dual_encoder
-from .model import DUAL_ENCODER_LOSSES, DualEncoder
-from .towers import IMAGE_TOWERS, VIT_SIZES, ImageTower, build_image_tower, vit_patch_size
+from .hf import exportable, load_dual_encoder, save_dual_encoder  # noqa: F401
+from .model import DUAL_ENCODER_LOSSES, DualEncoder  # noqa: F401
+from .towers import IMAGE_TOWERS, VIT_SIZES, ImageTower, build_image_tower, vit_patch_size  # noqa: F401

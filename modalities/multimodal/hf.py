@@ -147,14 +147,16 @@ def save_dual_encoder(model: DualEncoder, tokenizer: "PreTrainedTokenizerBase", 
         vit, text = model.image_tower.model, model.text_tower.model
         config = VisionTextDualEncoderConfig.from_vision_text_configs(
             vit.config, text.config, projection_dim=model.projection_dim, logit_scale_init_value=log_scale)
-        hf = VisionTextDualEncoderModel(config)
+        # its random init would consume the global generator: saving must not change a run's RNG
+        with torch.random.fork_rng(devices=[]):
+            hf = VisionTextDualEncoderModel(config)
         with torch.no_grad():
             hf.vision_model.load_state_dict(vit.state_dict(), strict=True)
             hf.text_model.load_state_dict(text.state_dict(), strict=True)
             hf.visual_projection.weight.copy_(model.visual_projection.weight)
             hf.text_projection.weight.copy_(model.text_projection.weight)
             hf.logit_scale.fill_(log_scale)
-        hf.to(model.logit_scale.device).save_pretrained(str(out))
+        hf.save_pretrained(str(out))
         processor = VisionTextDualEncoderProcessor(image_processor=_image_processor(image_size, mean, std),
                                                    tokenizer=tokenizer)
         processor.save_pretrained(str(out))
@@ -201,7 +203,8 @@ def load_dual_encoder(path: str | os.PathLike) -> tuple[DualEncoder, "PreTrained
     fmt = info.get("format") if info else None
     if fmt is None:
         config_file = p / "config.json"
-        if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "vision-text-dual-encoder":
+        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+        if model_type == "vision-text-dual-encoder":
             fmt = "transformers"
         else:
             raise ValueError(f"path {str(p)!r} holds neither {INFO_FILE} nor a VisionTextDualEncoderModel config.json")

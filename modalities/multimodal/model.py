@@ -147,7 +147,7 @@ class DualEncoder(nn.Module):
             return csrc_triton.clip_loss(image_emb, text_emb, self.scale(), backend=backend,
                                          process_group=process_group)
         siglip = getattr(csrc_triton, "siglip", None)
-        if siglip is None:  # the op lives in csrc_triton/siglip.py; imported lazily
+        if not callable(siglip):  # not exported (or the submodule itself): import the function lazily
             try:
                 from csrc_triton.siglip import siglip
             except ImportError as err:

@@ -199,7 +199,8 @@ def image_tower_from_description(desc: dict[str, Any]) -> ImageTower:
     kind = desc.get("kind")
     if kind == "torchvision":
         net = build_backbone(desc["name"], cifar_stem=bool(desc["cifar_stem"]), width=int(desc.get("width", 32)))
-        return ImageTower(net, kind="torchvision", image_size=int(desc["image_size"]), spec=desc.get("spec", desc["name"]))
+        return ImageTower(net, kind="torchvision", image_size=int(desc["image_size"]),
+                          spec=desc.get("spec", desc["name"]))
     if kind == "hf":
         from transformers import ViTConfig, ViTModel
 
