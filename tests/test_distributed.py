@@ -1,5 +1,5 @@
 """Negatives across processes: every pairwise loss (info_nce in-batch, symmetric, with a queue,
-MoCo; clip_loss; nt_xent; supcon (N, D) and (N, V, D); nca; n_pair; uniformity; triplet_margin
+MoCo; clip_loss; siglip; nt_xent; supcon (N, D) and (N, V, D); nca; n_pair; uniformity; triplet_margin
 batch-hard, batch-all, semi-hard; drlim) with a gloo process group of R = 2 and R = 3 (an odd
 world size) ranks against one process running the same loss on the concatenated batch.
 
@@ -83,7 +83,7 @@ SPAWN_TIMEOUT_S = 120.0
 #: inputs split along dim 0 across ranks (rank r gets rows r*B .. (r+1)*B - 1)
 SHARDED = ("q", "k", "feat3", "labels")
 #: inputs that are the same on every rank; ``queue_frozen`` needs no gradient
-REPLICATED = ("t", "logit_scale", "nca_scale", "unif_t", "queue", "queue_frozen")
+REPLICATED = ("t", "logit_scale", "logit_bias", "nca_scale", "unif_t", "queue", "queue_frozen")
 FROZEN = ("queue_frozen", "labels")
 
 
@@ -107,6 +107,7 @@ def _global_inputs(world: int, dtype: torch.dtype = torch.float32) -> dict[str, 
         "labels": labels,
         "t": torch.tensor(0.3, dtype=dtype),
         "logit_scale": torch.tensor(4.0, dtype=dtype),
+        "logit_bias": torch.tensor(-2.0, dtype=dtype),
         "nca_scale": torch.tensor(0.7, dtype=dtype),
         "unif_t": torch.tensor(2.0, dtype=dtype),
         "queue": randn(QUEUE, D, scale=0.6),
@@ -142,6 +143,14 @@ CASES = {
     "clip_loss": (lambda x, g: F.clip_loss(x["q"], x["k"], x["logit_scale"], process_group=g, **BW), "scalar"),
     "clip_loss_dense": (
         lambda x, g: F.clip_loss(x["q"], x["k"], x["logit_scale"], process_group=g, backend="dense"), "scalar"),
+    # SigLIP (its own kernels): rank r's positives sit at global columns r B + i
+    "siglip": (lambda x, g: F.siglip(x["q"], x["k"], x["logit_scale"], x["logit_bias"], process_group=g, **BW),
+               "scalar"),
+    "siglip_sum_dense": (
+        lambda x, g: F.siglip(x["q"], x["k"], x["logit_scale"], x["logit_bias"], reduction="sum", process_group=g,
+                              backend="dense"), "scalar"),
+    "siglip_none_float_params": (
+        lambda x, g: F.siglip(x["q"], x["k"], 3.0, -1.5, reduction="none", process_group=g, **BW), "rows"),
     "nt_xent": (lambda x, g: F.nt_xent(x["q"], x["k"], temperature=x["t"], process_group=g, **BW), "scalar"),
     "nt_xent_none_unnormalized": (
         lambda x, g: F.nt_xent(x["q"], x["k"], temperature=x["t"], normalize=False, reduction="none",
@@ -188,6 +197,7 @@ CASES = {
 #: NaN, and every element ("all") or at least every row ("rows") of every gradient (DrLIM: a
 #: dissimilar pair's gradient is a multiple of x_i - x_j, NaN only where x_j is)
 NAN_CASES = {"info_nce": "all", "info_nce_symmetric": "all", "info_nce_queue": "all", "clip_loss": "all",
+             "siglip": "all",
              "nt_xent": "all", "supcon": "all", "nca": "all", "n_pair": "all", "uniformity": "all",
              "triplet_batch_hard": "all", "drlim": "rows"}
 
@@ -205,6 +215,7 @@ def _nan_inputs(world: int) -> dict[str, torch.Tensor]:
 MISMATCH = {
     "info_nce": ("query", lambda a, b, lab, g: F.info_nce(a, b, process_group=g, **BW)),
     "clip_loss": ("image_features", lambda a, b, lab, g: F.clip_loss(a, b, 10.0, process_group=g, **BW)),
+    "siglip": ("image_features", lambda a, b, lab, g: F.siglip(a, b, 10.0, -10.0, process_group=g, **BW)),
     "nt_xent": ("z1", lambda a, b, lab, g: F.nt_xent(a, b, process_group=g, **BW)),
     "supcon": ("features", lambda a, b, lab, g: F.supcon(a, lab, process_group=g, **BW)),
     "nca": ("embeddings", lambda a, b, lab, g: F.nca(a, lab, process_group=g, **BW)),
