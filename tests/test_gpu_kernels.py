@@ -473,6 +473,93 @@ def test_forward_and_backward_capture_in_a_cuda_graph():
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+# --------------------------------------------------------------------------------------------
+# SigLIP (csrc_triton.triton_siglip): row sums of softplus(-z s) and their gradients
+# --------------------------------------------------------------------------------------------
+def _siglip_reference(x, y, scale, bias, offset, up):
+    """Row losses, dx, dy, dt, db and the error-model magnitudes, float64 on the device (dense:
+    the sizes here are at most 8192 x 8192)."""
+    xd, yd = x.double(), y.double()
+    dot = xd @ yd.T
+    s = scale * dot + bias
+    i = torch.arange(x.shape[0], device=x.device)[:, None]
+    j = torch.arange(y.shape[0], device=x.device)[None, :]
+    z = torch.where(j == i + offset, 1.0, -1.0).double()
+    v = -z * s
+    rows = (v.clamp_min(0) + torch.log1p(torch.exp(-v.abs()))).sum(1)
+    g = -z * torch.sigmoid(v) * up.double()[:, None]
+    return dict(rows=rows, rows_mag=(v.abs() + math.log(2.0)).sum(1), dx=scale * g @ yd,
+                dx_mag=abs(scale) * g.abs() @ yd.abs(), dy=scale * g.T @ xd, dy_mag=abs(scale) * g.abs().T @ xd.abs(),
+                dt=(g * dot).sum().item(), dt_mag=(g * dot).abs().sum().item(), db=g.sum().item(),
+                db_mag=g.abs().sum().item())
+
+
+def _siglip_run(x, y, scale, bias, offset, up, deterministic):
+    from csrc_triton.triton_siglip import siglip_backward, siglip_forward
+
+    t = torch.tensor(scale, device=x.device)
+    b = torch.tensor(bias, device=x.device)
+    with poison_outputs():
+        rows = siglip_forward(x, y, t, b, offset=offset)
+        grads = siglip_backward(x, y, t, b, up, offset=offset, needs_dx=True, needs_dy=True,
+                                deterministic=deterministic)
+    return rows, grads
+
+
+def _siglip_check(x, y, scale, bias, offset, deterministic, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    up = _upstream(x.shape[0], gen)
+    rows, (dx, dy, dt, db) = _siglip_run(x, y, scale, bias, offset, up, deterministic)
+    ref = _siglip_reference(x, y, scale, bias, offset, up)
+    _assert_close("siglip rows", rows, ref["rows"], _STAT_TOL * (1.0 + ref["rows_mag"]))
+    unit = _UNIT[x.dtype]
+    _assert_close("siglip dx", dx, ref["dx"], unit * (ref["dx"].abs() + ref["dx_mag"]) + 1e-30)
+    _assert_close("siglip dy", dy, ref["dy"], unit * (ref["dy"].abs() + ref["dy_mag"]) + 1e-30)
+    assert abs(dt.item() - ref["dt"]) <= 1e-5 * (1.0 + ref["dt_mag"]), (dt.item(), ref["dt"])
+    assert abs(db.item() - ref["db"]) <= 1e-5 * (1.0 + ref["db_mag"]), (db.item(), ref["db"])
+    return rows, (dx, dy, dt, db), up
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [128, 768], ids=["narrow", "wide"])
+def test_siglip_many_waves(dtype, d):
+    """N = M = 4096 at D = 128 (fused kernel, dy in registers) and D = 768 (wide form; six
+    output chunks when deterministic), t = 10, b = -10 (SigLIP's initialisation); both backward
+    paths against float64."""
+    n, d = size(4096, 70), size(d, 60 if d == 128 else 130)
+    x, y = _features(n, n, d, dtype, seed=11)
+    for deterministic in (False, True):
+        _siglip_check(x, y, 10.0, -10.0, 0, deterministic)
+
+
+@needs_compiled
+def test_siglip_rank_strip_and_saturation():
+    """A rank's strip: 1024 images against 4096 texts, positives at offset 2048; t = 100
+    (clamped CLIP scale) so most terms are far in the softplus tail."""
+    n, m, d = size(1024, 40), size(4096, 90), size(256, 40)
+    x, y = _features(n, m, d, torch.bfloat16, seed=12)
+    _siglip_check(x, y, 100.0, -10.0, size(2048, 30), deterministic=False)
+
+
+@needs_compiled
+def test_siglip_deterministic_bitwise_and_nan():
+    n, d = size(3000, 50), size(768, 130)
+    x, y = _features(n, n, d, torch.bfloat16, seed=13)
+    up = _upstream(n, torch.Generator(device=DEVICE).manual_seed(1))
+    first = _siglip_run(x, y, 10.0, -10.0, 0, up, True)
+    second = _siglip_run(x, y, 10.0, -10.0, 0, up, True)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+    x[3, 7] = float("nan")  # row 3's loss and dx, every dy, dt, db NaN; other rows finite
+    rows, (dx, dy, dt, db) = _siglip_run(x, y, 10.0, -10.0, 0, up, False)
+    others = torch.arange(n, device=DEVICE) != 3
+    assert rows[3].isnan() and rows[others].isfinite().all()
+    assert dx[3].isnan().all() and dx[others].isfinite().all()
+    assert dy.isnan().all() and dt.isnan() and db.isnan()
+
+
 @pytest.mark.skipif(not HAS_CUDA or not INTERPRETING or DRY_RUN,
                     reason="runs only on a CUDA machine whose suite has Triton's interpreter on")
 def test_compiled_kernels_in_a_child_process():
