@@ -336,6 +336,19 @@ _register(Case(
     scale_meaning="logit_scale", feature_rows=lambda n: 2 * n,
 ))
 
+#: SigLIP's logit bias in the benchmark: the paper's initialisation (with logit_scale 10)
+SIGLIP_BIAS = -10.0
+
+_register(Case(
+    name="siglip", function="siglip",
+    summary=f"siglip(image, text, logit_scale, logit_bias={SIGLIP_BIAS}): SigLIP's sigmoid loss, "
+            "logit_scale a float32 leaf (backend dense: the N x N PyTorch formula)",
+    tensors=_two_sets("image", "text"), leaves=("image", "text"), scalar_leaf=True,
+    call=lambda f, t, s, b: f(t["image"], t["text"], t["scale"], SIGLIP_BIAS, backend=b),
+    flops=_eight_nnd, flop_formula="8*N*M*D", default_scale=10.0,
+    scale_meaning="logit_scale", feature_rows=lambda n: 2 * n,
+))
+
 _register(Case(
     name="info_nce", function="info_nce",
     summary="info_nce(query, key, temperature=1/scale)",
