@@ -184,7 +184,7 @@ def test_saturated_terms_keep_relative_accuracy(backend):
     and its gradients must keep their relative accuracy."""
     n = 16
     x = torch.eye(n, 24)
-    out, t, b = [], torch.tensor(40.0, requires_grad=True), torch.tensor(-20.0, requires_grad=True)
+    t, b = torch.tensor(40.0, requires_grad=True), torch.tensor(-20.0, requires_grad=True)
     xs, ys = x.clone().requires_grad_(), x.clone().requires_grad_()
     with poison_outputs():
         loss = csrc_triton.siglip(xs, ys, t, b, backend=backend)
