@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -405,3 +406,23 @@ def test_autocast_bf16_from_linear():
     torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=0.0)
     out.backward()
     assert t.grad is not None and all(torch.isfinite(p.grad).all() for p in lin_a.parameters())
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """The bf16 forward, fused (narrow and wide) and rows kernels compiled for sm_90 with the
+    shipped tiles: no spill, wgmma tile products (python -m csrc_triton.static_check --family
+    siglip compiles all 24 variants)."""
+    from csrc_triton import static_check
+
+    try:
+        path = static_check._ptxas_path(90)
+    except (FileNotFoundError, ImportError, AttributeError) as err:
+        pytest.skip(f"cannot compile for sm_90 here: Triton's bundled ptxas is unavailable ({err})")
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"Triton's bundled ptxas at {path} is not executable")
+    jobs = static_check.siglip_variants(subset=True)
+    assert {job.kernel for job in jobs} == {"siglip_forward", "siglip_cols", "siglip_rows"} and len(jobs) == 4
+    for row in static_check.compile_jobs(jobs):
+        where = f"{row['kernel']} {row['variant']} {row['dtype']} {row['tiles']}"
+        assert 0 < row["registers"] <= 255 and row["spill_stores"] == row["spill_loads"] == 0, where
+        assert row["wgmma"] and row["ex2"] > 0, where
