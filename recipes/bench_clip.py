@@ -1,9 +1,9 @@
 """Throughput and memory of one training step of the CLIP dual encoder (CLIP or SigLIP loss),
 with and without gradient caching, and issue 8's scale target.
 
-    python -m recipes.bench_clip              # 3 tower pairs x 64, 256 pairs x chunks off, 64
+    python -m recipes.bench_clip              # 3 tower pairs x 32, 128 pairs x chunks off, 32
                                               #   x clip, siglip
-    python -m recipes.bench_clip --quick      # small_cnn+bert-tiny only, about two minutes
+    python -m recipes.bench_clip --quick      # small_cnn+bert-tiny only, a few minutes
     python -m recipes.bench_clip --scale      # issue 8: 32768 pairs in 6 GB, beside the
                                               #   largest OpenCLIP-style batch in 6 GB
     python -m recipes.bench_clip --towers resnet18+bert-mini --batch-sizes 128,512 \\
@@ -18,10 +18,11 @@ padding), so nothing is read from disk. A tower pair is ``IMAGE+TEXT``: an image
 
 Sweep (the default): for every (tower pair, batch, chunk, loss) a fresh child process builds the
 dual encoder and an AdamW optimizer and times the full training step (:func:`clip_train_step`,
-the step of ``recipes.clip_pairs``): images normalised per chunk, both towers embedded (in chunks
-of ``--chunk-size`` pairs through :func:`recipes.common.grad_cache.grad_cache_step`, or in one
-pass with 0), the loss (``DualEncoder.loss``: the fused ``csrc_triton.clip_loss`` or
-``csrc_triton.siglip``) and its backward, ``optimizer.step()`` and the logit-scale clamp.
+the step issue 8's spec gives ``recipes.clip_pairs``): both towers embedded (in chunks of
+``--chunk-size`` pairs through :func:`recipes.common.grad_cache.grad_cache_step`, or in one pass
+with 0; the uint8 images normalised inside the image tower's forward, one chunk at a time), the
+loss (``DualEncoder.loss``: the fused ``csrc_triton.clip_loss`` or ``csrc_triton.siglip``) and
+its backward, ``optimizer.step()`` and the logit-scale clamp.
 Reported per row:
 
 - median and min seconds per step; ``pairs_per_second`` = batch / median;
@@ -86,13 +87,13 @@ PROG = "python -m recipes.bench_clip"
 IMAGE_TOWER_NAMES = ("small_cnn", "resnet18", "resnet50", "vit-tiny", "vit-small")
 TEXT_TOWER_NAMES = ("bert-tiny", "bert-mini", "bert-small")
 DEFAULT_TOWERS = ("small_cnn+bert-tiny", "vit-tiny+bert-tiny", "resnet18+bert-mini")
-DEFAULT_BATCH_SIZES = (64, 256)
-DEFAULT_CHUNK_SIZES = (0, 64)
+DEFAULT_BATCH_SIZES = (32, 128)
+DEFAULT_CHUNK_SIZES = (0, 32)
 #: "clip" and "siglip": DualEncoder.loss (the fused ops); "openclip": dense logits + CE
 LOSSES = ("clip", "siglip", "openclip")
 DEFAULT_LOSSES = ("clip", "siglip")
-#: --quick: a sweep of the small pair that finishes in a couple of minutes on 2 CPU cores
-QUICK = {"towers": ("small_cnn+bert-tiny",), "batch_sizes": (32, 128), "chunk_sizes": (0, 32),
+#: --quick: a sweep of the small pair only
+QUICK = {"towers": ("small_cnn+bert-tiny",), "batch_sizes": (16, 64), "chunk_sizes": (0, 16),
          "losses": ("clip", "siglip"), "repeats": 2, "warmup": 1}
 #: --scale: issue 8's target (32768 pairs, small towers, 32 px, 32 tokens, 6 GB)
 SCALE = {"towers": ("small_cnn+bert-tiny",), "batch_sizes": (32768,), "chunk_sizes": (1024,),
@@ -165,8 +166,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                 epilog="Sweep defaults: --towers " + ",".join(DEFAULT_TOWERS) + " --batch-sizes "
-                "64,256 --chunk-size 0,64 --losses clip,siglip --repeats 2 --warmup 1. --quick: "
-                "small_cnn+bert-tiny, 32,128, 0,32. --scale: small_cnn+bert-tiny, 32768 pairs, "
+                "32,128 --chunk-size 0,32 --losses clip,siglip --repeats 2 --warmup 1. --quick: "
+                "small_cnn+bert-tiny, 16,64, 0,16. --scale: small_cnn+bert-tiny, 32768 pairs, "
                 "chunk 1024, clip, 1 step, against --target-gb 6.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--towers", help="comma-separated IMAGE+TEXT tower pairs, IMAGE among "
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=None, help="a child is killed after "
                    "this many seconds (default 1800; --scale: 7200)")
     p.add_argument("--quick", action="store_true", help="a small sweep (small_cnn+bert-tiny; "
-                   "batches 32,128; chunks 0,32; clip, siglip)")
+                   "batches 16,64; chunks 0,16; clip, siglip)")
     p.add_argument("--scale", action="store_true", help="issue 8's target: one cached step at "
                    "32768 pairs with the fused loss against --target-gb, beside the largest "
                    "OpenCLIP-style batch within the same cap")
@@ -456,10 +457,13 @@ def clip_train_step(model: torch.nn.Module, images: Tensor, input_ids: Tensor,
                     attention_mask: Tensor, optimizer: torch.optim.Optimizer, *,
                     chunk_size: int | None, normalize: Callable[[Tensor], Tensor],
                     loss: str = "clip") -> tuple[Tensor, Tensor, Tensor]:
-    """One training step of the dual encoder, as ``recipes.clip_pairs`` runs it.
+    """One training step of the dual encoder: ``recipes.clip_pairs``'s ``train_step`` (both
+    towers through gradient caching, ``DualEncoder.loss``), the optimizer step and the clamp.
 
     ``images`` uint8 (N, 3, S, S) are normalised (``normalize``) chunk by chunk inside the image
-    tower's forward, so the float images exist for one chunk at a time; both towers go through
+    tower's forward, so the float images exist for one chunk at a time (the recipe normalises
+    its batch before the step: 12 S^2 bytes per pair more, 400 MB at 32768 pairs of 32 px);
+    both towers go through
     :func:`recipes.common.grad_cache.grad_cache_step` (``chunk_size`` pairs at a time, None: one
     pass) with the loss ``model.loss`` (the fused op of the model's loss; ``loss="openclip"``:
     :func:`openclip_dense_loss` on ``model.scale()``), then ``optimizer.step()``, the gradients
@@ -793,18 +797,19 @@ def scale_table(result: dict) -> tuple[list[str], list[list[str]]]:
     every dense try."""
     cap = result["target_bytes"]
     header = ["step", "batch", "chunk", "loss", "s/step", "pairs/s", "loss share", "peak RSS",
-              f"within {cap / 1e9:g} GB"]
+              f"within {cap / 1e9:g} GB", "cpu/wall"]
 
     def line(name: str, r: dict | None) -> list[str]:
         if r is None:
-            return [name, "-", "-", "-", "-", "-", "-", "-", "no batch fits"]
+            return [name, "-", "-", "-", "-", "-", "-", "-", "no batch fits", "-"]
         ok = r["status"] == "ok"
         within = "-" if not ok else ("yes" if _peak_of(r) <= cap else "NO")
         return [name, str(r["batch"]), str(r["chunk"] or "off"),
                 "fused " + r["loss"] if r["loss"] != "openclip" else "dense (OpenCLIP)",
                 _f(r["seconds_per_step_median"], ".1f"), _f(r["pairs_per_second"], ".1f"),
                 _share(r["loss_share"]),
-                fmt_bytes(r["peak_mem_bytes"]) if ok else r["status"], within]
+                fmt_bytes(r["peak_mem_bytes"]) if ok else r["status"], within,
+                _f(r["cpu_per_wall"], ".2f")]
 
     body = [line("gradient caching + fused loss", result["cached"]),
             line("OpenCLIP-style, largest fitting", result["dense_largest"])]
@@ -847,7 +852,8 @@ def markdown_report(result: dict, header: Sequence[str], body: Sequence[Sequence
                   + ("Largest OpenCLIP-style batch within the same cap: "
                      + (f"**{d['batch']}** pairs" if d else "none")
                      + (f" ({result['dense_smallest_not_fitting']} pairs did not fit)"
-                        if result["dense_smallest_not_fitting"] else "") + "."), ""]
+                        if result["dense_smallest_not_fitting"] else
+                        " (the search stops at the cached step's batch)" if d else "") + "."), ""]
     lines += [markdown_table(header, body), ""]
     for s in result.get("skipped", []):
         lines.append(f"Skipped {s['towers']}, batch {s['batch']}, chunk {s['chunk']}: "

@@ -127,8 +127,8 @@ def test_scale_search_judges_each_try_by_its_peak(tmp_path, monkeypatch, capsys)
     assert row_2048["status"] == "ok" and "above the cap" in row_2048["message"]
     header, body = bench.scale_table(result)
     assert body[0][:3] == ["gradient caching + fused loss", "32768", "1024"]
-    assert body[0][-1] == "yes" and body[1][1] == "1920" and body[1][-1] == "yes"
-    assert [b[-1] for b in body[2:]] == ["yes", "yes", "NO", "yes", "yes", "yes"]
+    assert body[0][-2] == "yes" and body[1][1] == "1920" and body[1][-2] == "yes"
+    assert [b[-2] for b in body[2:]] == ["yes", "yes", "NO", "yes", "yes", "yes"]
     md = bench.markdown_report({**result, "command": "x"}, header, body)
     assert "**met**" in md and "**1920** pairs (2048 pairs did not fit)" in md
 
@@ -268,6 +268,7 @@ def test_presets():
     assert (scale.image_size, scale.text_length, scale.target_gb, scale.repeats) == (32, 32, 6.0, 1)
     default = config_from_args([])
     assert default.towers == ("small_cnn+bert-tiny", "vit-tiny+bert-tiny", "resnet18+bert-mini")
-    assert default.losses == ("clip", "siglip") and default.chunk_sizes == (0, 64)
+    assert default.losses == ("clip", "siglip") and default.batch_sizes == (32, 128)
+    assert default.chunk_sizes == (0, 32)
     # a default chunk that splits none of the batches given is dropped, not refused
-    assert config_from_args(["--batch-sizes", "32"]).chunk_sizes == (0,)
+    assert config_from_args(["--batch-sizes", "16"]).chunk_sizes == (0,)
