@@ -81,6 +81,10 @@ def test_metadata_csv_split_column_and_aliases(tmp_path):
     # a split folder named val/ is "validation" too
     root2 = _imagefolder(tmp_path / "e", splits=("train", "val"))
     assert list(load_pairs(root2, image_size=8)) == ["train", "validation"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one split folder read alone: the others are not "uncaptioned"
+        only_val = load_pairs(root2, image_size=8, split="validation")
+    assert list(only_val) == ["validation"] and only_val["validation"].image_files[0].endswith("val/0.png")
     # one split asked for, by an alias
     only = load_pairs(root, image_size=4, split="dev")
     assert list(only) == ["validation"]

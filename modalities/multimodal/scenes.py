@@ -40,8 +40,20 @@ Determinism: every random number is a counter-based hash (splitmix64, the helper
 captions depend only on (seed, split, i) and the image size: never on n, on chunking or on any
 global generator. `SCENES_VERSION` hashes the parameters and the drawing code.
 
-Learnability (measured on the shared 2-core CPU, see the report in the module's tests and
-`scene_statistics`): see the numbers recorded in `LEARNABILITY` below.
+Measured (shared 2-core CPU, 32 px, seed 0). Raw pixels, single-object scenes (4000 train /
+1000 test; logistic regression on standardised pixels, C = 0.1 / cosine kNN, k = 10): colour
+0.994 / 0.917 (chance 0.167), shape 0.791 / 0.540 (0.167), size 0.913 / 0.890 (0.5), position
+0.962 / 0.997 (0.2), the 36 classes 0.841 / 0.421 (0.028): colour alone is nearly linear in the
+pixels, the shape much less, and binding colour to shape in two-object scenes is what a caption
+needs. A small dual encoder (5-layer CNN of width 32 + a 2-layer transformer of width 64 over
+words, CLIP loss, batch 256, AdamW 2e-3) after 171 steps (7 minutes on the loaded shared
+cores) on 8000 train scenes: test retrieval (1000 images, 3576 captions) i2t R@1 / R@5 / R@10 =
+0.399 / 0.751 / 0.866, t2i 0.323 / 0.745 / 0.885 (chance R@1 0.001); i2t R@1 on test images
+holding a held-out combination 0.356 vs 0.410 on the others; zero-shot 36-way top-1 ("a photo of
+a <colour> <shape>") 0.660 over all classes, 0.483 on the 6 held-out classes (their colour right
+every time, their shape in 48 %), 0.695 on the seen ones (chance 0.028). Generating 8000 + 1000 +
+1000 scenes and 720 zero-shot images as PNG takes about 7 s; `load_pairs` reads them back in
+about 7 s (about 5 s with the Arrow cache warm).
 
 Example:
     >>> from modalities.multimodal.scenes import ensure_scenes, load_zeroshot
@@ -654,7 +666,7 @@ def load_zeroshot(folder: str | PathLike, *, image_size: int, workers: int = 0, 
         ValueError naming the folder: missing, no class folders, several splits, images that do
         not decode (listed).
     """
-    from .data import _bad_list, _load, _quiet_datasets, decode_resize
+    from .data import SPLIT_ALIASES, _bad_list, _load, _quiet_datasets, decode_resize
     from modalities.image.data import BadImageError, _map
     import datasets
 
@@ -666,8 +678,12 @@ def load_zeroshot(folder: str | PathLike, *, image_size: int, workers: int = 0, 
         raise ValueError(f"{fn}: folder '{folder}' does not exist or is not a folder; expected "
                          "<folder>/<class name>/*.png")
     with _quiet_datasets(progress):
+        # class folders (no split folder inside): one explicit pattern (datasets' inference globs
+        # the tree once per split keyword)
+        split_dirs = [p.name for p in folder.iterdir() if p.is_dir() and p.name.lower() in SPLIT_ALIASES]
+        files = {"data_files": {"train": "**"}} if not split_dirs else {}
         loaded = _load("imagefolder", f"the class folder '{folder}'", data_dir=str(folder),
-                       cache_dir=None if cache_dir is None else str(cache_dir))
+                       cache_dir=None if cache_dir is None else str(cache_dir), **files)
     if len(loaded) != 1:
         raise ValueError(f"{fn}: '{folder}' holds the splits {list(loaded)}; expected one split of class "
                          "folders, <folder>/<class name>/*.png (pass the split's folder)")
