@@ -15,8 +15,9 @@ Two formats, chosen by :func:`exportable`:
    Files: config.json + model.safetensors (``vision_model`` = our ViTModel incl. its pooler,
    ``text_model`` = our text encoder incl. its pooler, ``visual_projection``,
    ``text_projection``, ``logit_scale`` = log t, clamped at log max_logit_scale),
-   preprocessor_config.json / processor_config.json (a ``ViTImageProcessor``: resize to
-   image_size x image_size, bilinear; rescale by 1/255; normalise with our mean and std, i.e.
+   preprocessor_config.json / processor_config.json (a ``CLIPImageProcessor``: shorter side
+   resized to image_size, bilinear, centre crop, as ``modalities.multimodal.data`` loads
+   images; rescale by 1/255; normalise with our mean and std, i.e.
    ``modalities.image.transforms.eval_transform``), the tokenizer's files (tokenizer.json,
    tokenizer_config.json), and tilecontrast.json (below).
 
@@ -103,13 +104,20 @@ def _check_norm(name: str, values: Sequence[float]) -> list[float]:
 
 
 def _image_processor(image_size: int, mean: list[float], std: list[float]) -> Any:
-    """A ViTImageProcessor doing eval_transform: resize (bilinear) to S x S, / 255, normalise."""
-    from transformers import ViTImageProcessor
+    """A CLIPImageProcessor doing what the recipe's data path does: shorter side resized
+    (bilinear) to S, centre crop S x S (``modalities.multimodal.data.decode_resize``), / 255,
+    normalised (``eval_transform``). Same geometry, not bit-identical pixels on images of
+    another size (the crop box and resampling round differently: on a random 112 x 80 image
+    at S = 32 the two differ by 0.05 on average in normalised units); equal on images already
+    S x S (tested)."""
+    from transformers import CLIPImageProcessor
     from transformers.image_utils import PILImageResampling
 
-    return ViTImageProcessor(do_resize=True, size={"height": image_size, "width": image_size},
-                             resample=PILImageResampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255,
-                             do_normalize=True, image_mean=mean, image_std=std)
+    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size},
+                              resample=PILImageResampling.BILINEAR, do_center_crop=True,
+                              crop_size={"height": image_size, "width": image_size},
+                              do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                              image_mean=mean, image_std=std, do_convert_rgb=True)
 
 
 def save_dual_encoder(model: DualEncoder, tokenizer: "PreTrainedTokenizerBase", out_dir: str | os.PathLike, *,
