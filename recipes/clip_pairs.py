@@ -726,6 +726,8 @@ class _Evaluator:
                          "zeroshot_images": int(len(zs_labels)), "templates": self.templates})
             if heldout is not None and bool(heldout.any()):
                 chance["zeroshot_top1_heldout"] = 1.0 / n_classes
+                if bool((~heldout).any()):
+                    chance["zeroshot_top1_seen"] = 1.0 / n_classes
                 meta["zeroshot_heldout_images"] = int(heldout.sum())
                 meta["zeroshot_heldout_classes"] = sorted(
                     {class_names[i] for i in zs_labels[heldout].tolist()})
