@@ -98,7 +98,7 @@ CPU_QUICK: dict[str, Any] = {
     "image_model": "small_cnn", "text_model": "bert-tiny", "image_size": 32, "max_length": 24,
     "vocab_size": 1000, "projection_dim": 64, "batch_size": 128, "epochs": 30,
     "lr": 2e-3, "weight_decay": 0.05, "warmup": 50, "train_seconds": 360.0,
-    "eval_every": 200, "checkpoint_every": 200, "crop_min_scale": 1.0,
+    "eval_every": 50, "checkpoint_every": 100, "crop_min_scale": 1.0,
 }
 
 GPU: dict[str, Any] = {
