@@ -57,7 +57,8 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     assert result["command"] in md
     (cells,) = _md_rows(md)
     assert cells[:4] == ["small_cnn+bert-tiny", "clip", "8", "4"]
-    assert cells[6] == f"{r['pairs_per_second']:.1f}" and cells[7] == f"{100 * r['loss_share']:.2f}%"
+    assert cells[6] == f"{r['pairs_per_second']:.1f}"
+    assert cells[7] == f"{100 * r['loss_share']:.2f}%"
     assert cells[8] == bench.fmt_bytes(r["peak_mem_bytes"]) and cells[-1] == "ok"
     assert f"{r['pairs_per_second']:.1f}" in out and cells[8] in out
 
@@ -69,8 +70,8 @@ def test_tiny_scale_run_reports_no_dense_batch_when_none_fits(tmp_path, capsys, 
     cached = {"status": "ok", "seconds_per_step_median": 2.0, "seconds_per_step_min": 2.0,
               "loss_seconds_median": 0.1, "peak_mem_bytes": 4e8, "peak_mem_kind": "rss",
               "max_polled_rss_bytes": 3.9e8, "wall_s": 3.0}
-    monkeypatch.setattr(bench, "run_measurement",
-                        lambda spec, *a, **k: dict(cached) if spec["chunk"] else real(spec, *a, **k))
+    monkeypatch.setattr(bench, "run_measurement", lambda spec, *a, **k: (
+        dict(cached) if spec["chunk"] else real(spec, *a, **k)))
     args = TINY + ["--scale", "--chunk-size", "4", "--target-gb", "0.05", "--search-start", "4",
                    "--out", str(tmp_path)]
     assert main(args) == 0
