@@ -83,6 +83,26 @@ def test_save_and_reload_give_equal_ids(tok, tmp_path):
         assert again.model_max_length == 12 and again.pad_token_id == 0
 
 
+def test_vocabulary_is_deterministic_and_ordered():
+    # every word exactly as frequent as the others: a trainer breaking ties in hash order gives a
+    # different vocabulary each time; ours orders ties by spelling
+    words = ["circle", "square", "ring", "star", "cross", "bar", "blue", "red", "green"]
+    corpus = [" ".join(words[(i + j) % len(words)] for j in range(4)) for i in range(len(words) * 5)]
+    vocabs = [train_wordpiece(corpus, vocab_size=40).get_vocab() for _ in range(4)]
+    assert all(v == vocabs[0] for v in vocabs)
+    vocab = vocabs[0]
+    alphabet = sorted(set("".join(words)))
+    # specials, then characters (word start, then continuation), then whole words by (count, spelling)
+    order = list(SPECIAL_TOKENS) + alphabet + ["##" + c for c in alphabet]
+    assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])][:len(order)] == order
+    kept = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])][len(order):]
+    assert kept == sorted(words)[:40 - len(order)] and len(vocab) == 40
+    # a word outside the vocabulary is spelt in characters, never [UNK]
+    tok = train_wordpiece(corpus, vocab_size=40)
+    pieces = tok.convert_ids_to_tokens(tokenize(tok, ["stars"], max_length=8).input_ids[0, 1:6].tolist())
+    assert pieces == ["s", "##t", "##a", "##r", "##s"]
+
+
 def test_tokenizer_bad_input(tok, tmp_path):
     with pytest.raises(ValueError, match="texts is empty"):
         train_wordpiece([], vocab_size=100)

@@ -1,5 +1,5 @@
-"""Tokenizers for the text tower: a WordPiece vocabulary trained on the captions with Hugging Face
-`tokenizers`, or the tokenizer saved in a local model directory (``--text-model PATH``).
+"""Tokenizers for the text tower: a WordPiece vocabulary built from the captions with Hugging Face
+`tokenizers`' normaliser and pre-tokeniser (deterministic: see :func:`train_wordpiece`), or the tokenizer saved in a local model directory (``--text-model PATH``).
 
 WordPiece (Wu et al. 2016, "Google's Neural Machine Translation System", Sec. 4.1; the
 vocabulary BERT uses, Devlin et al. 2019) with BERT's normaliser and pre-tokeniser:
@@ -68,17 +68,30 @@ def _check_length(name: str, value: object, minimum: int) -> int:
 
 def train_wordpiece(texts: Iterable[str], *, vocab_size: int = 4000, max_length: int = 32,
                     lowercase: bool = True) -> "PreTrainedTokenizerFast":
-    """Train a WordPiece tokenizer on ``texts`` (seconds for 10^5 captions).
+    """Build a WordPiece tokenizer from ``texts`` (seconds for 10^5 captions), deterministically.
 
     BERT's normaliser (unicode clean-up, optional lower-casing and accent stripping) and
-    pre-tokeniser (split on whitespace and punctuation), a WordPiece model whose vocabulary holds
-    the special tokens [PAD] (id 0), [UNK], [CLS], [SEP], [MASK] then the learnt pieces (at most
-    ``vocab_size`` in all: fewer when the corpus has fewer), and the post-processor
-    ``[CLS] $A [SEP]``.
+    pre-tokeniser (split on whitespace and punctuation) from Hugging Face ``tokenizers``, a
+    WordPiece model whose vocabulary is, in id order:
+
+        [PAD]=0 [UNK] [CLS] [SEP] [MASK]
+        every character seen, as a word start ``c`` and as a continuation ``##c`` (sorted)
+        whole words, most frequent first (ties by spelling), until ``vocab_size``
+
+    and the post-processor ``[CLS] $A [SEP]``. A word in the vocabulary is one token; any other
+    word is spelt in characters by WordPiece's greedy longest match, so nothing maps to [UNK]
+    unless the vocabulary cannot hold every character.
+
+    Why not ``tokenizers``' ``WordPieceTrainer``: it breaks ties between equally frequent merges
+    in hash-map order, which changes from one trainer to the next, so two runs with one seed got
+    different vocabularies (measured: three trainings on the same captions, three vocabularies).
+    This vocabulary is a function of the captions alone; it has no learnt sub-word merges, so
+    a word outside it costs one token per character.
 
     Args:
         texts: the training captions (any iterable of str; consumed once).
-        vocab_size: the largest vocabulary (>= the 5 special tokens + 1).
+        vocab_size: the largest vocabulary (>= the 5 special tokens + 1); if the characters do
+            not all fit, the most frequent ones are kept and the rest become [UNK].
         max_length: ``model_max_length`` of the returned tokenizer (the text tower's positions).
         lowercase: lower-case and strip accents first (bert-base-uncased's behaviour).
 
@@ -98,28 +111,40 @@ def train_wordpiece(texts: Iterable[str], *, vocab_size: int = 4000, max_length:
         raise TypeError(f"lowercase must be a bool, got {type(lowercase).__name__} {lowercase!r}")
     if isinstance(texts, str):
         raise TypeError("texts must be an iterable of captions, got one str")
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
     count = 0
-
-    def checked() -> Iterable[str]:
-        nonlocal count
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is a {type(text).__name__} ({text!r}); expected str")
-            count += 1
-            yield text
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                       show_progress=False)
-    tok.train_from_iterator(checked(), trainer=trainer)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is a {type(text).__name__} ({text!r}); expected str")
+        count += 1
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     if count == 0:
         raise ValueError("texts is empty: a tokenizer needs captions to learn its vocabulary from")
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    chars: Counter[str] = Counter()
+    for w, n in words.items():
+        chars.update({c: n for c in w})
+    room = vocab_size - len(SPECIAL_TOKENS)
+    # most frequent characters first if they do not all fit (each takes two entries)
+    alphabet = sorted(c for c, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[:room // 2])
+    vocab: dict[str, int] = {}
+    for token in list(SPECIAL_TOKENS) + alphabet + ["##" + c for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(w, len(vocab))
+
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
