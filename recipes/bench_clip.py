@@ -457,37 +457,26 @@ def clip_train_step(model: torch.nn.Module, images: Tensor, input_ids: Tensor,
                     attention_mask: Tensor, optimizer: torch.optim.Optimizer, *,
                     chunk_size: int | None, normalize: Callable[[Tensor], Tensor],
                     loss: str = "clip") -> tuple[Tensor, Tensor, Tensor]:
-    """One training step of the dual encoder: ``recipes.clip_pairs``'s ``train_step`` (both
-    towers through gradient caching, ``DualEncoder.loss``), the optimizer step and the clamp.
+    """One training step of the dual encoder: :func:`recipes.clip_pairs.train_step` (both
+    towers through gradient caching, the loss on the embeddings), the optimizer step, the
+    gradients cleared and ``model.clamp_logit_scale_()``, as the recipe runs them.
 
     ``images`` uint8 (N, 3, S, S) are normalised (``normalize``) chunk by chunk inside the image
-    tower's forward, so the float images exist for one chunk at a time (the recipe normalises
-    its batch before the step: 12 S^2 bytes per pair more, 400 MB at 32768 pairs of 32 px);
-    both towers go through
-    :func:`recipes.common.grad_cache.grad_cache_step` (``chunk_size`` pairs at a time, None: one
-    pass) with the loss ``model.loss`` (the fused op of the model's loss; ``loss="openclip"``:
-    :func:`openclip_dense_loss` on ``model.scale()``), then ``optimizer.step()``, the gradients
-    cleared, and ``model.clamp_logit_scale_()``.
+    tower's forward (the recipe does the same), so the float images exist for one chunk at a
+    time. ``loss``: "clip"/"siglip" use ``model.loss`` (the fused op of the model's loss);
+    "openclip" uses :func:`openclip_dense_loss` on ``model.scale()``.
 
     Returns ``(loss detached, image embeddings (N, P), text embeddings (N, P))``, detached: the
     embeddings the loss saw, so that its cost can be timed on them alone.
     """
-    from recipes.common.grad_cache import Tower, grad_cache_step
+    from recipes.clip_pairs import train_step
 
-    loss_fn = _loss_of(model, loss)
-    towers = [
-        Tower(forward=lambda x: {"embedding": model.encode_image(normalize(x))}, inputs=images,
-              module=model),
-        Tower(forward=lambda ids, mask: {"embedding": model.encode_text(ids, mask)},
-              inputs=(input_ids, attention_mask), module=model),
-    ]
-    value, _, outputs = grad_cache_step(
-        towers, lambda outs: (loss_fn(outs[0]["embedding"], outs[1]["embedding"]), None),
-        chunk_size)
+    value, img, txt = train_step(model, images, input_ids, attention_mask, chunk_size,
+                                 image_transform=normalize, loss=_loss_of(model, loss))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.clamp_logit_scale_()
-    return value, outputs[0]["embedding"], outputs[1]["embedding"]
+    return value, img, txt
 
 
 def _sync(device: torch.device) -> None:

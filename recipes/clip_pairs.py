@@ -57,7 +57,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "classification and a linear probe against the same towers at their initial weights. "
         "With no arguments: generated captioned scenes and a CPU preset that finishes in about "
         "10 minutes on 2 cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="caption data: an imagefolder (train/ validation/ test/ with "
                    "metadata.jsonl or metadata.csv: file_name, text), a datasets.save_to_disk "
@@ -325,32 +325,47 @@ def build_optimizer(model: torch.nn.Module, config: ClipConfig) -> torch.optim.O
                              betas=(0.9, 0.98), eps=1e-6)
 
 
-def train_step(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+def train_step(model, images: torch.Tensor, input_ids: torch.Tensor,
                attention_mask: torch.Tensor, chunk_size: int | None, *,
+               image_transform: Callable[..., torch.Tensor] | None = None,
+               crops: torch.Tensor | None = None,
+               loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                process_group: Any = None, backend: str = "auto"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This process's gradients of one step (the optimizer step and the gradient all-reduce are
     the caller's): both towers through :func:`recipes.common.grad_cache.grad_cache_step`
     (chunks of ``chunk_size`` pairs, None: one shot), the dual encoder's loss on the
-    embeddings (gathered across processes through ``process_group``). Returns (loss detached,
-    image embeddings, text embeddings) as the loss saw them (detached)."""
+    embeddings (gathered across processes through ``process_group``).
+
+    ``images`` are the image tower's pixel values, or (with ``image_transform``) what
+    ``image_transform(images_chunk)`` / ``image_transform(images_chunk, crops_chunk)`` turns
+    into them chunk by chunk, so that e.g. uint8 images become float pixels one chunk at a
+    time (at 32768 pairs of 32 px the float batch alone is 400 MB). ``loss(img, txt)`` replaces
+    ``model.loss`` (the benchmark's dense baseline). Returns (loss detached, image embeddings,
+    text embeddings) as the loss saw them (detached)."""
     from recipes.common.grad_cache import Tower, grad_cache_step
 
-    def image_forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def image_forward(x: torch.Tensor, *extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        if image_transform is not None:
+            x = image_transform(x, *extra)
         return {"embedding": model.encode_image(x)}
 
     def text_forward(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"embedding": model.encode_text(ids, mask)}
 
     def loss_fn(outputs):
-        loss = model.loss(outputs[0]["embedding"], outputs[1]["embedding"],
-                          process_group=process_group, backend=backend)
-        return loss, None
+        img, txt = outputs[0]["embedding"], outputs[1]["embedding"]
+        if loss is not None:
+            return loss(img, txt), None
+        return model.loss(img, txt, process_group=process_group, backend=backend), None
 
-    towers = [Tower(image_forward, pixel_values, module=model.image_tower),
+    if crops is not None and image_transform is None:
+        raise ValueError("crops were given without an image_transform to apply them")
+    image_inputs = images if crops is None else (images, crops)
+    towers = [Tower(image_forward, image_inputs, module=model.image_tower),
               Tower(text_forward, (input_ids, attention_mask), module=model.text_tower)]
-    loss, _, outputs = grad_cache_step(towers, loss_fn, chunk_size)
-    return loss, outputs[0]["embedding"], outputs[1]["embedding"]
+    value, _, outputs = grad_cache_step(towers, loss_fn, chunk_size)
+    return value, outputs[0]["embedding"], outputs[1]["embedding"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -516,14 +531,15 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
         theta = sampler.crops(step)
         mine = slice(info.rank * local, (info.rank + 1) * local)
         img_idx, cap_idx = img_idx[mine], cap_idx[mine]
-        x = pixels(images_u8[img_idx].to(device), config.image_size,
-                   None if theta is None else theta[mine])
+        x = images_u8[img_idx].to(device)  # uint8: made float pixels chunk by chunk in the step
         ids, mask = train_ids[cap_idx].to(device), train_mask[cap_idx].to(device)
         lr = lr_at(step, total, config.warmup, config.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
         loss, _, _ = train_step(model, x, ids, mask, config.chunk_size or None,
+                                image_transform=lambda u8, th=None: pixels(u8, config.image_size, th),
+                                crops=None if theta is None else theta[mine].to(device),
                                 process_group=process_group, backend=config.backend)
         D.all_reduce_gradients(model, info)
         optimizer.step()
