@@ -54,14 +54,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
+# The recipe never downloads: models are built from configs or read from local folders, data
+# from local folders. Hugging Face libraries read these when first imported (below, lazily);
+# a user's explicit setting wins.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from recipes.clip_setup import (ClipConfig, build_config, load_data, templates_of)
+import torch  # noqa: E402
+
+from recipes.clip_setup import (ClipConfig, build_config, load_data, templates_of)  # noqa: E402
 from recipes.common import distributed as D
 from recipes.common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from recipes.common.config import config_differences, read_config_file
