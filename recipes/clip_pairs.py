@@ -70,8 +70,8 @@ import torch  # noqa: E402
 
 from recipes.clip_setup import (ClipConfig, build_config, load_data, templates_of)  # noqa: E402
 from recipes.common import distributed as D
-from recipes.common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from recipes.common.config import config_differences, read_config_file
+from recipes.common.checkpoint import load_resume, restore_training, rng_state, save_checkpoint
+from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.rundir import prepare_run_dir
 
@@ -199,8 +199,7 @@ def config_from_args(args: argparse.Namespace) -> ClipConfig:
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    info = D.setup(config.device if config.device != "auto" else
-                   ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = D.setup(config.device)
     try:
         if config.batch_size % info.world_size:
             raise ValueError(f"--batch-size={config.batch_size}: expected a multiple of the "
@@ -424,13 +423,8 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
 
     checkpoint = None
     if resume:
-        path = out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
-        checkpoint = load_checkpoint(path, map_location="cpu")
-        diffs = config_differences(checkpoint["config"], config.to_dict(), ignore=RESUMABLE)
-        if diffs and not args.override_config:
-            named = "; ".join(f"{n}: {a!r} in the checkpoint, {b!r} now" for n, a, b in diffs)
-            raise ValueError(f"--resume {str(path)!r}: the configuration differs ({named}); "
-                             "expected the checkpoint's settings, or pass --override-config")
+        _, checkpoint = load_resume(out, args.resume, CHECKPOINT, config=config.to_dict(),
+                                    ignore=RESUMABLE, override=args.override_config)
 
     auto = " (auto-selected for a CPU; --preset gpu for the GPU settings)" \
         if config.preset == "cpu-quick" and args.preset is None else ""
@@ -497,13 +491,9 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
     metrics = MetricsLog(out / "metrics.jsonl")
     start = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        start = restore_training(checkpoint, metrics, info.is_main, model=model,
+                                 optimizer=optimizer)
         initial_model = checkpoint["initial_model"]
-        start = int(checkpoint["step"])
-        set_rng_state(checkpoint["rng"])
-        if info.is_main:
-            metrics.truncate_after(start)
         log(f"resumed from step {start}")
 
     def save(step: int) -> None:

@@ -50,8 +50,7 @@ from cpc.data import (BadAudioError, SpeakerBalancedBatchSampler, WindowDataset,
 from cpc.model import CPCModel, count_parameters
 from recipes.common.evaluation import ProbeConfig, linear_probe
 from recipes.common import distributed as D
-from recipes.common.checkpoint import (load_checkpoint, rng_state, save_checkpoint,
-                                       set_rng_state)
+from recipes.common.checkpoint import load_resume, restore_training, rng_state, save_checkpoint
 from recipes.common.logging import MetricsLog, format_table
 from recipes.common.plots import plot_probes, plot_training
 
@@ -140,8 +139,7 @@ def lr_at(step: int, config: CPCSpeechConfig) -> float:
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    info = D.setup(config.device if config.device != "auto" else
-                   ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = D.setup(config.device)
     try:
         return _run(config, args, info)
     finally:
@@ -212,16 +210,10 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     metrics = MetricsLog(out / "metrics.jsonl")
     start_step = 0
     if args.resume is not None:
-        path = out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
-        state = load_checkpoint(path, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        path, state = load_resume(out, args.resume, CHECKPOINT)
+        start_step = restore_training(state, metrics, info.is_main, model=model,
+                                      optimizer=optimizer, sampler=sampler)
         initial_state = state["initial_model"]
-        start_step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        if info.is_main:
-            metrics.truncate_after(start_step)
         _log(info, f"resumed from {path} at step {start_step}")
     elif info.is_main and metrics.path.exists():
         metrics.path.unlink()

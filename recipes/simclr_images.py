@@ -46,8 +46,8 @@ from typing import Any, Sequence
 import torch
 
 from recipes.common import distributed as D
-from recipes.common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from recipes.common.config import config_differences, read_config_file
+from recipes.common.checkpoint import load_resume, restore_training, rng_state, save_checkpoint
+from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.rundir import prepare_run_dir
 from recipes.image_setup import (LABELLED_BATCHES, TEMPERATURE_METHODS, ImagePretrainConfig, build_config, cifar_stem,
@@ -159,8 +159,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ImagePretrainConfig, lis
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config, sweep = config_from_args(args)
-    info = D.setup(config.device if config.device != "auto" else
-                   ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = D.setup(config.device)
     try:
         if sweep is None:
             return pretrain(config, args, info)
@@ -275,14 +274,8 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
 
     checkpoint = None
     if resume:
-        path = out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
-        checkpoint = load_checkpoint(path, map_location="cpu")
-        diffs = config_differences(checkpoint["config"], config.to_dict(),
-                                   ignore=RESUMABLE)
-        if diffs and not args.override_config:
-            named = "; ".join(f"{n}: {a!r} in the checkpoint, {b!r} now" for n, a, b in diffs)
-            raise ValueError(f"--resume {str(path)!r}: the configuration differs ({named}); "
-                             "expected the checkpoint's settings, or pass --override-config")
+        _, checkpoint = load_resume(out, args.resume, CHECKPOINT, config=config.to_dict(),
+                                    ignore=RESUMABLE, override=args.override_config)
 
     auto = " (auto-selected for a CPU; --preset cifar for the CIFAR-10 settings)" \
         if config.preset == "cpu-quick" and args.preset is None else ""
@@ -326,13 +319,9 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
     metrics = MetricsLog(out / "metrics.jsonl")
     start = 0
     if checkpoint is not None:
-        method.load_state_dict(checkpoint["method"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        start = restore_training(checkpoint, metrics, info.is_main, method=method,
+                                 optimizer=optimizer)
         initial_encoder = checkpoint["initial_encoder"]
-        start = int(checkpoint["step"])
-        set_rng_state(checkpoint["rng"])
-        if info.is_main:
-            metrics.truncate_after(start)
         log(f"resumed from step {start}")
     sampler.load_state_dict({"epoch": start // steps_per_epoch,
                              "position": start % steps_per_epoch})

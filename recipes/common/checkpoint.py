@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from recipes.common.config import config_differences
+
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint that would execute code (or build arbitrary objects) when unpickled."""
@@ -79,3 +81,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_resume(out: str | os.PathLike, resume: str, name: str, *,
+                config: dict[str, Any] | None = None, ignore: tuple[str, ...] = (),
+                override: bool = False) -> tuple[Path, dict]:
+    """The checkpoint a ``--resume [CHECKPOINT]`` flag names: ``out / name`` for ``"auto"`` (the
+    flag without a value), else the given path; returns ``(path, checkpoint)``. With ``config``
+    (the ``dataclasses.asdict`` of the configuration asked for), a saved configuration that
+    differs in any setting outside ``ignore`` raises ``ValueError`` naming each difference,
+    unless ``override`` (``--override-config``).
+
+    Example:
+        >>> path, state = load_resume(out, args.resume, "checkpoint.pt", config=cfg.to_dict(),
+        ...                           ignore=("stop_after",), override=args.override_config)
+    """
+    path = Path(out) / name if resume == "auto" else Path(resume)
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    if config is not None:
+        diffs = config_differences(checkpoint["config"], config, ignore=ignore)
+        if diffs and not override:
+            named = "; ".join(f"{n}: {a!r} in the checkpoint, {b!r} now" for n, a, b in diffs)
+            raise ValueError(f"--resume {str(path)!r}: the configuration differs ({named}); "
+                             "expected the checkpoint's settings, or pass --override-config")
+    return path, checkpoint
+
+
+def restore_training(checkpoint: dict[str, Any], metrics: Any, main: bool, **stateful: Any) -> int:
+    """Put a run back where ``checkpoint`` left it: every ``stateful`` object (a module, an
+    optimizer, a sampler: anything with ``load_state_dict``) loads ``checkpoint[keyword]``, the
+    RNGs get their saved states, and on the main process ``metrics`` (a
+    :class:`recipes.common.logging.MetricsLog`) drops the lines written after the checkpoint's
+    step. Returns that step, where training goes on.
+
+    Example:
+        >>> start = restore_training(state, metrics, info.is_main, model=model, optimizer=opt)
+    """
+    for key, obj in stateful.items():
+        obj.load_state_dict(checkpoint[key])
+    start = int(checkpoint["step"])
+    set_rng_state(checkpoint["rng"])
+    if main:
+        metrics.truncate_after(start)
+    return start

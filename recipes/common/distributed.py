@@ -26,7 +26,10 @@ class DistInfo:
 
 
 def setup(device: str) -> DistInfo:
-    """Initialise the process group when WORLD_SIZE > 1; a no-op otherwise."""
+    """Initialise the process group when WORLD_SIZE > 1; a no-op otherwise. ``device`` picks
+    the backend: NCCL for 'cuda...' (and for 'auto' where CUDA is available), else gloo."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
