@@ -70,10 +70,10 @@ import torch  # noqa: E402
 
 from recipes.clip_setup import (ClipConfig, build_config, load_data, templates_of)  # noqa: E402
 from recipes.common import distributed as D
-from recipes.common.checkpoint import load_resume, restore_training, rng_state, save_checkpoint
+from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
-from recipes.common.rundir import prepare_run_dir
+from recipes.common.rundir import open_run, write_config
 
 CHECKPOINT = "checkpoint.pt"
 # settings a resumed run may change without changing what it computes up to its stop
@@ -416,15 +416,10 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
     if config.threads:
         torch.set_num_threads(config.threads)
     resume = args.resume is not None
-    out = prepare_run_dir(config.out, resume=resume, overwrite=args.overwrite,
-                          main=info.is_main)
-    D.barrier(info)
-    log = RunLog(out / "train.log", enabled=info.is_main, quiet=args.quiet)
-
-    checkpoint = None
-    if resume:
-        _, checkpoint = load_resume(out, args.resume, CHECKPOINT, config=config.to_dict(),
-                                    ignore=RESUMABLE, override=args.override_config)
+    out, log, checkpoint = open_run(config.out, info, resume=args.resume,
+                                    overwrite=args.overwrite, quiet=args.quiet,
+                                    config=config.to_dict(), resumable=RESUMABLE,
+                                    override_config=args.override_config, checkpoint=CHECKPOINT)
 
     auto = " (auto-selected for a CPU; --preset gpu for the GPU settings)" \
         if config.preset == "cpu-quick" and args.preset is None else ""
@@ -434,7 +429,7 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
         f"{device}" + (f", {info.world_size} processes" if info.enabled else ""))
     log(json.dumps(config.to_dict(), indent=2))
     if info.is_main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_config(out, config.to_dict())
 
     # ---- data (rank 0 generates the scenes first; the others then find them cached)
     t0 = time.perf_counter()

@@ -53,6 +53,7 @@ from recipes.common import distributed as D
 from recipes.common.checkpoint import load_resume, restore_training, rng_state, save_checkpoint
 from recipes.common.logging import MetricsLog, format_table
 from recipes.common.plots import plot_probes, plot_training
+from recipes.common.rundir import write_config
 
 CHECKPOINT = "checkpoint.pt"
 FEATURE_KINDS = ("cpc", "mfcc", "random_init")
@@ -160,7 +161,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
          + (f", {info.world_size} processes" if info.enabled else ""))
     _log(info, json.dumps(config.to_dict(), indent=2))
     if info.is_main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_config(out, config.to_dict())
 
     # ---- data
     t0 = time.perf_counter()

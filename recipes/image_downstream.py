@@ -41,7 +41,7 @@ from recipes.common import distributed as D
 from recipes.common.checkpoint import load_checkpoint
 from recipes.common.config import apply_values, read_config_file
 from recipes.common.logging import RunLog, format_table
-from recipes.common.rundir import prepare_run_dir
+from recipes.common.rundir import prepare_run_dir, write_config
 from recipes.image_setup import ImagePretrainConfig, MethodSettings, cifar_stem, load_data
 
 TASKS = ("binary", "multiclass", "segmentation")
@@ -241,7 +241,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_config.seg_data = None
     out = prepare_run_dir(config.out, resume=False, overwrite=args.overwrite)
     log = RunLog(out / "train.log", quiet=args.quiet)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_config(out, config.to_dict())
 
     data = load_data(data_config, progress=not args.quiet)
     log(f"downstream study on {device}: {data.source}")

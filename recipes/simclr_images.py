@@ -46,10 +46,10 @@ from typing import Any, Sequence
 import torch
 
 from recipes.common import distributed as D
-from recipes.common.checkpoint import load_resume, restore_training, rng_state, save_checkpoint
+from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
-from recipes.common.rundir import prepare_run_dir
+from recipes.common.rundir import open_run, prepare_run_dir, write_config
 from recipes.image_setup import (LABELLED_BATCHES, TEMPERATURE_METHODS, ImagePretrainConfig, build_config, cifar_stem,
                                  load_data, parse_temperatures)
 
@@ -177,7 +177,7 @@ def temperature_sweep(config: ImagePretrainConfig, temperatures: list[float],
     root = prepare_run_dir(config.out, resume=False, overwrite=args.overwrite,
                            main=info.is_main) if args.resume is None else Path(config.out)
     if info.is_main:
-        (root / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_config(root, config.to_dict())
     results: dict[str, Any] = {}
     for t in temperatures:
         sub = dataclasses.replace(config, out=str(root / f"temperature_{t:g}"),
@@ -266,16 +266,11 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
     device = D.resolve_device(config.device, info)
     if config.threads:
         torch.set_num_threads(config.threads)
-    resume = args.resume is not None
-    out = prepare_run_dir(config.out, resume=resume,
-                          overwrite=args.overwrite and sweep_root is None, main=info.is_main)
-    D.barrier(info)
-    log = RunLog(out / "train.log", enabled=info.is_main, quiet=args.quiet)
-
-    checkpoint = None
-    if resume:
-        _, checkpoint = load_resume(out, args.resume, CHECKPOINT, config=config.to_dict(),
-                                    ignore=RESUMABLE, override=args.override_config)
+    out, log, checkpoint = open_run(config.out, info, resume=args.resume,
+                                    overwrite=args.overwrite and sweep_root is None,
+                                    quiet=args.quiet, config=config.to_dict(),
+                                    resumable=RESUMABLE, override_config=args.override_config,
+                                    checkpoint=CHECKPOINT)
 
     auto = " (auto-selected for a CPU; --preset cifar for the CIFAR-10 settings)" \
         if config.preset == "cpu-quick" and args.preset is None else ""
@@ -285,7 +280,7 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
         f"on {device}" + (f", {info.world_size} processes" if info.enabled else ""))
     log(json.dumps(config.to_dict(), indent=2))
     if info.is_main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_config(out, config.to_dict())
 
     # ---- data
     t0 = time.perf_counter()

@@ -9,9 +9,15 @@ a run of this recipe (a typo such as ``--out .`` must not delete a source tree),
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+from recipes.common import distributed as D
+from recipes.common.checkpoint import load_resume
+from recipes.common.logging import RunLog
 
 MARKER = "config.json"
 
@@ -50,3 +56,35 @@ def prepare_run_dir(out: str | os.PathLike, *, resume: bool, overwrite: bool,
     if main:
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def write_config(out: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Save the run's resolved configuration as ``out/config.json`` (indented JSON): the record of
+    what ran, and the :data:`MARKER` that makes ``out`` a run folder for ``--overwrite``."""
+    (Path(out) / MARKER).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def open_run(out: str | os.PathLike, info: D.DistInfo, *, resume: str | None, overwrite: bool,
+             quiet: bool, config: dict[str, Any], resumable: tuple[str, ...],
+             override_config: bool, checkpoint: str = "checkpoint.pt"
+             ) -> tuple[Path, RunLog, dict | None]:
+    """A training run's start: ``out`` checked and made ready (:func:`prepare_run_dir`, on rank
+    0; every rank waits for it), the run's log ``out/train.log`` (printing on rank 0 only), and
+    with ``--resume`` (``resume`` not None) the checkpoint to continue from, its saved
+    configuration checked against ``config`` except the ``resumable`` settings
+    (:func:`recipes.common.checkpoint.load_resume`). Returns ``(out, log, checkpoint or None)``.
+
+    Example:
+        >>> out, log, state = open_run(cfg.out, info, resume=args.resume, overwrite=False,
+        ...                            quiet=False, config=cfg.to_dict(), resumable=("threads",),
+        ...                            override_config=False)
+    """
+    out = prepare_run_dir(out, resume=resume is not None, overwrite=overwrite,
+                          checkpoint=checkpoint, main=info.is_main)
+    D.barrier(info)
+    log = RunLog(out / "train.log", enabled=info.is_main, quiet=quiet)
+    state = None
+    if resume is not None:
+        _, state = load_resume(out, resume, checkpoint, config=config, ignore=resumable,
+                               override=override_config)
+    return out, log, state
