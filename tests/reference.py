@@ -241,6 +241,16 @@ MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
 EPS = {torch.float64: torch.finfo(torch.float64).eps, torch.float32: torch.finfo(torch.float32).eps}
 
 
+def param_id(x) -> str:
+    """A short pytest id for a parametrised value: ``torch.float16`` -> ``float16``,
+    ``(7, 60)`` -> ``7x60``, anything else ``str(x)`` (``pytest.mark.parametrize(..., ids=param_id)``)."""
+    if isinstance(x, torch.dtype):
+        return str(x).replace("torch.", "")
+    if isinstance(x, tuple):
+        return "x".join(map(str, x))
+    return str(x)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

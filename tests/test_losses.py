@@ -24,6 +24,7 @@ from csrc_triton._testing import blockwise_rows, poison_outputs
 
 import reference as R
 from reference import check_loss, clip_loss_ref, info_nce_ref, nt_xent_ref, supcon_ref
+from reference import param_id as _id
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU_BACKENDS = ["dense", "blockwise"]
@@ -36,14 +37,6 @@ CPU_SHAPES = [(1, 3), (7, 1), (7, 60), (129, 130), (257, 60)]
 TRITON_CASES = [(torch.float32, (7, 1)), (torch.float16, (37, 70)), (torch.bfloat16, (130, 70))]
 # losses over the 2N views of N pairs: 65 pairs give the 130 rows
 TRITON_PAIR_CASES = [(torch.float32, (7, 1)), (torch.float16, (19, 70)), (torch.bfloat16, (65, 70))]
-
-
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).replace("torch.", "")
-    if isinstance(x, tuple):
-        return "x".join(map(str, x))
-    return str(x)
 
 
 def _cases(cpu_shapes, triton_cases):

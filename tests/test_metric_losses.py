@@ -22,6 +22,7 @@ import csrc_triton
 from csrc_triton._testing import blockwise_rows, poison_outputs
 
 from reference import check_loss, n_pair_ref, nca_ref, uniformity_ref
+from reference import param_id as _id
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU_BACKENDS = ["dense", "blockwise"]
@@ -29,14 +30,6 @@ CPU_SHAPES = [(2, 3), (9, 1), (40, 33), (129, 70)]
 # Triton through the interpreter: a tiny float32 case, a 16-bit one over a few tiles, and a
 # 130 x 70 multi-tile case (16 x 16 tiles, ragged edges).
 TRITON_CASES = [(torch.float32, (9, 1)), (torch.float16, (37, 33)), (torch.bfloat16, (130, 70))]
-
-
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).replace("torch.", "")
-    if isinstance(x, tuple):
-        return "x".join(map(str, x))
-    return str(x)
 
 
 def _cases(cpu_shapes=CPU_SHAPES, triton_cases=TRITON_CASES):

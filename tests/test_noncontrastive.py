@@ -53,19 +53,13 @@ from csrc_triton.noncontrastive import (
     vicreg,
 )
 
+from reference import param_id as _id
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(3, 1), (7, 5), (129, 130)]
 HALF_ULP = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 SUBNORMAL = {torch.float64: 0.0, torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-25}
 SUM_ROUNDING = 64
-
-
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).replace("torch.", "")
-    if isinstance(x, tuple):
-        return "x".join(map(str, x))
-    return str(x)
 
 
 def _acc(dtype):

@@ -26,20 +26,13 @@ import csrc_triton
 from csrc_triton._testing import blockwise_rows, poison_outputs
 
 import reference as R
+from reference import param_id as _id
 
 siglip_module = importlib.import_module("csrc_triton.siglip")  # csrc_triton.siglip is the function
 triton_siglip = importlib.import_module("csrc_triton.triton_siglip")
 
 DTYPES16 = [torch.bfloat16, torch.float16]
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).replace("torch.", "")
-    if isinstance(x, tuple):
-        return "x".join(map(str, x))
-    return str(x)
 
 
 def siglip_ref(x, y, t, b, reduction="mean"):
