@@ -4,7 +4,6 @@ losses against hand-written ones, gradient caching equal to the one-shot step) a
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -25,19 +24,12 @@ from modalities.multimodal import (
 from modalities.text import TextTower, build_text_model, tokenize, train_wordpiece
 from recipes.common.grad_cache import Tower, grad_cache_step
 
+from _network import no_network  # noqa: F401 (autouse: no downloads in this module)
+
 CAPTIONS = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")
             for p in ("left", "right")] * 3
 MEAN, STD = (0.48, 0.45, 0.41), (0.27, 0.26, 0.28)
 HAS_SIGLIP = callable(getattr(csrc_triton, "siglip", None))
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a connection (a download) fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 directories (never downloading), and the three poolings against hand computations."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -18,18 +16,11 @@ from modalities.text import (
     train_wordpiece,
 )
 
+from _network import no_network  # noqa: F401 (autouse: no downloads in this module)
+
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "left", "right", "small", "big", "two", "a", "the"]
 CORPUS = [f"a {c} {s} on the {p}" for c in WORDS[:3] for s in WORDS[3:6] for p in WORDS[6:8]] * 4 + \
     ["two small red circles", "the big blue square", "a green triangle on the left"] * 4
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a connection (a download) fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(scope="module")
