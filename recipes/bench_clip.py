@@ -77,7 +77,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recipes.bench.harness import RESULT_MARK, mem_available_bytes, proc_status_kb, quantiles
+from recipes.bench.flags import RaisingParser, int_list, positive, resolve_device
+from recipes.bench.harness import (RESULT_MARK, mem_available_bytes, proc_status_kb, quantiles,
+                                   run_reported)
 from recipes.bench.report import device_name, fmt_bytes, git_commit
 from recipes.common.logging import format_table
 
@@ -156,20 +158,14 @@ class BenchClipConfig:
         return self.device.startswith("cuda")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ValueError (the flag named by argparse) instead of exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ValueError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                epilog="Sweep defaults: --towers " + ",".join(DEFAULT_TOWERS) + " --batch-sizes "
-                "32,128 --chunk-size 0,32 --losses clip,siglip --repeats 2 --warmup 1. --quick: "
-                "small_cnn+bert-tiny, 16,64, 0,16. --scale: small_cnn+bert-tiny, 32768 pairs, "
-                "chunk 1024, clip, 1 step, against --target-gb 6.",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = RaisingParser(
+        prog=PROG, description=__doc__.split("\n\n")[0],
+        epilog="Sweep defaults: --towers " + ",".join(DEFAULT_TOWERS) + " --batch-sizes "
+        "32,128 --chunk-size 0,32 --losses clip,siglip --repeats 2 --warmup 1. --quick: "
+        "small_cnn+bert-tiny, 16,64, 0,16. --scale: small_cnn+bert-tiny, 32768 pairs, "
+        "chunk 1024, clip, 1 step, against --target-gb 6.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--towers", help="comma-separated IMAGE+TEXT tower pairs, IMAGE among "
                    f"{', '.join(IMAGE_TOWER_NAMES)} and TEXT among {', '.join(TEXT_TOWER_NAMES)}")
     p.add_argument("--batch-sizes", help="comma-separated global batch sizes in pairs")
@@ -212,25 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_list(flag: str, text: str, *, minimum: int) -> tuple[int, ...]:
-    parts = [s.strip() for s in text.split(",")]
-    if any(not s for s in parts):
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers, e.g. 64,256")
-    values = []
-    for s in parts:
-        try:
-            v = int(s)
-        except ValueError:
-            raise ValueError(f"{flag} {text!r}: {s!r} is not an integer") from None
-        if v < minimum:
-            raise ValueError(f"{flag} {text!r}: {v} is below {minimum}; expected integers "
-                             f">= {minimum}")
-        values.append(v)
-    if len(set(values)) != len(values):
-        raise ValueError(f"{flag} {text!r}: a value is repeated")
-    return tuple(values)
-
-
 def _name_list(flag: str, text: str, allowed: Sequence[str]) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(","))
     for name in names:
@@ -239,11 +216,6 @@ def _name_list(flag: str, text: str, allowed: Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"{flag} {text!r}: a value is repeated")
     return names
-
-
-def _positive(flag: str, value: float | None) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{flag} {value!r}: expected a positive number")
 
 
 def _tower_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -283,23 +255,6 @@ def parse_towers(text: str) -> tuple[str, ...]:
     return pairs
 
 
-def _resolve_device(text: str) -> str:
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
-    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {text!r}: CUDA is not available on this machine; "
-                             "expected cpu or auto")
-        index = int(text[5:]) if ":" in text else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {text!r}: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-        return text
-    raise ValueError(f"--device {text!r}: expected cpu, cuda, cuda:N or auto")
-
-
 def config_from_args(argv: Sequence[str] | None) -> BenchClipConfig:
     """Parse and check every flag before any work; ValueError names the flag and the value."""
     args = build_parser().parse_args(argv)
@@ -309,9 +264,9 @@ def config_from_args(argv: Sequence[str] | None) -> BenchClipConfig:
 
     towers = (parse_towers(args.towers) if args.towers is not None
               else base.get("towers", DEFAULT_TOWERS))
-    batches = (_int_list("--batch-sizes", args.batch_sizes, minimum=2)
+    batches = (int_list("--batch-sizes", args.batch_sizes, minimum=2)
                if args.batch_sizes is not None else base.get("batch_sizes", DEFAULT_BATCH_SIZES))
-    chunks = (_int_list("--chunk-size", args.chunk_size, minimum=0)
+    chunks = (int_list("--chunk-size", args.chunk_size, minimum=0)
               if args.chunk_size is not None else base.get("chunk_sizes", DEFAULT_CHUNK_SIZES))
     losses = (_name_list("--losses", args.losses, LOSSES) if args.losses is not None
               else base.get("losses", DEFAULT_LOSSES))
@@ -334,9 +289,9 @@ def config_from_args(argv: Sequence[str] | None) -> BenchClipConfig:
     if args.threads < 0:
         raise ValueError(f"--threads {args.threads}: expected a non-negative integer "
                          "(0: torch's default)")
-    _positive("--mem-budget-gb", args.mem_budget_gb)
-    _positive("--time-budget-s", args.time_budget_s)
-    _positive("--target-gb", args.target_gb)
+    positive("--mem-budget-gb", args.mem_budget_gb)
+    positive("--time-budget-s", args.time_budget_s)
+    positive("--target-gb", args.target_gb)
     if args.search_start < 2:
         raise ValueError(f"--search-start {args.search_start}: expected an integer >= 2")
     if args.search_steps < 0:
@@ -367,7 +322,7 @@ def config_from_args(argv: Sequence[str] | None) -> BenchClipConfig:
                 f"{','.join(map(str, batches))} --chunk-size {','.join(map(str, chunks))} "
                 f"--losses {','.join(losses)}")
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r}: exists and is not a folder")
@@ -592,30 +547,10 @@ def _say(text: str) -> None:
 
 def run_measurement(spec: dict, kill_rss_bytes: float, time_budget_s: float, *,
                     report_every_s: float | None = None) -> dict:
-    """One measurement in a child process (:func:`recipes.bench.harness.run_child` with this
-    module's :func:`worker`), killed (SIGKILL) once its RSS passes ``kill_rss_bytes`` (CPU only)
-    or it runs past ``time_budget_s``; with ``report_every_s``, the elapsed time and the
-    child's RSS are printed that often (long single steps).
-
-    Returns the child's result (``status`` "ok", "oom", "error", "over-mem-budget",
-    "over-time-budget") plus ``wall_s``, ``child_maxrss_bytes`` and ``max_polled_rss_bytes``.
-    """
-    from recipes.bench.harness import run_child
-
-    next_report = [report_every_s]
-
-    def on_poll(elapsed: float, rss: int, max_rss: int) -> None:
-        if next_report[0] is not None and elapsed >= next_report[0]:
-            _say(f"  ... {elapsed:.0f} s, RSS {fmt_bytes(rss)} (max so far {fmt_bytes(max_rss)})")
-            next_report[0] += report_every_s
-
-    result = run_child(spec, kill_rss_bytes, time_budget_s, worker_module="recipes.bench_clip",
-                       on_poll=on_poll)
-    if result.get("status") == "over-mem-budget":
-        result["message"] = f"killed: RSS passed {kill_rss_bytes / 1e9:.2f} GB"
-    elif result.get("status") == "over-time-budget":
-        result["message"] = f"killed: ran past {time_budget_s:.0f} s"
-    return result
+    """One measurement in a child process running this module's :func:`worker`, watched for
+    memory and time (:func:`recipes.bench.harness.run_reported`)."""
+    return run_reported(spec, kill_rss_bytes, time_budget_s, worker_module="recipes.bench_clip",
+                        report_every_s=report_every_s)
 
 
 def _load() -> float | None:

@@ -68,8 +68,9 @@ from typing import Any, Sequence
 
 import torch
 
+from recipes.bench.flags import RaisingParser, int_list, positive, resolve_device
 from recipes.bench.harness import (RESULT_MARK, mem_available_bytes, proc_status_kb,
-                                   quantiles)
+                                   quantiles, run_reported)
 from recipes.bench.report import device_name, fmt_bytes, git_commit
 from recipes.common.logging import format_table
 
@@ -145,19 +146,13 @@ class BenchImagesConfig:
         return self.image_size <= 64 if self.cifar_stem is None else self.cifar_stem
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ValueError (the flag named by argparse) instead of exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ValueError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                epilog="Sweep defaults: --backbones small_cnn,resnet18,resnet50 --batch-sizes "
-                "64,256 --chunk-size 0,256 --repeats 3 --warmup 1. --quick: small_cnn, 32,128, "
-                "0,64, 2 repeats. --single: resnet18, 8192, chunk 256, 1 repeat, no warm-up.",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = RaisingParser(
+        prog=PROG, description=__doc__.split("\n\n")[0],
+        epilog="Sweep defaults: --backbones small_cnn,resnet18,resnet50 --batch-sizes "
+        "64,256 --chunk-size 0,256 --repeats 3 --warmup 1. --quick: small_cnn, 32,128, "
+        "0,64, 2 repeats. --single: resnet18, 8192, chunk 256, 1 repeat, no warm-up.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", help="comma-separated backbones among small_cnn, resnet18, "
                    "resnet50")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes in images (each image "
@@ -204,47 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_list(flag: str, text: str, *, minimum: int) -> tuple[int, ...]:
-    parts = [s.strip() for s in text.split(",")]
-    if not parts or any(not s for s in parts):
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers, e.g. 64,256")
-    values = []
-    for s in parts:
-        try:
-            v = int(s)
-        except ValueError:
-            raise ValueError(f"{flag} {text!r}: {s!r} is not an integer") from None
-        if v < minimum:
-            raise ValueError(f"{flag} {text!r}: {v} is below {minimum}; expected integers "
-                             f">= {minimum}")
-        values.append(v)
-    if len(set(values)) != len(values):
-        raise ValueError(f"{flag} {text!r}: a value is repeated")
-    return tuple(values)
-
-
-def _positive(flag: str, value: float | None) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{flag} {value!r}: expected a positive number")
-
-
-def _resolve_device(text: str) -> str:
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
-    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {text!r}: CUDA is not available on this machine; "
-                             "expected cpu or auto")
-        index = int(text[5:]) if ":" in text else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {text!r}: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-        return text
-    raise ValueError(f"--device {text!r}: expected cpu, cuda, cuda:N or auto")
-
-
 def config_from_args(argv: Sequence[str] | None) -> BenchImagesConfig:
     """Parse and check every flag before any work; ValueError names the flag and the value."""
     from modalities.image.backbones import BACKBONES
@@ -265,9 +219,9 @@ def config_from_args(argv: Sequence[str] | None) -> BenchImagesConfig:
             raise ValueError(f"--backbones {args.backbones!r}: a backbone is repeated")
     else:
         names = base.get("backbones", DEFAULT_BACKBONES)
-    batches = (_int_list("--batch-sizes", args.batch_sizes, minimum=2)
+    batches = (int_list("--batch-sizes", args.batch_sizes, minimum=2)
                if args.batch_sizes is not None else base.get("batch_sizes", DEFAULT_BATCH_SIZES))
-    chunks = (_int_list("--chunk-size", args.chunk_size, minimum=0)
+    chunks = (int_list("--chunk-size", args.chunk_size, minimum=0)
               if args.chunk_size is not None else base.get("chunk_sizes", DEFAULT_CHUNK_SIZES))
     if args.method not in METHODS:
         raise ValueError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
@@ -286,9 +240,9 @@ def config_from_args(argv: Sequence[str] | None) -> BenchImagesConfig:
                          "(0: torch's default)")
     if args.workers < 0:
         raise ValueError(f"--workers {args.workers}: expected a non-negative integer")
-    _positive("--mem-budget-gb", args.mem_budget_gb)
-    _positive("--time-budget-s", args.time_budget_s)
-    _positive("--target-gb", args.target_gb)
+    positive("--mem-budget-gb", args.mem_budget_gb)
+    positive("--time-budget-s", args.time_budget_s)
+    positive("--target-gb", args.target_gb)
     if args.search_start < 2:
         raise ValueError(f"--search-start {args.search_start}: expected an integer >= 2")
 
@@ -317,7 +271,7 @@ def config_from_args(argv: Sequence[str] | None) -> BenchImagesConfig:
                 f"got --backbones {','.join(names)} --batch-sizes "
                 f"{','.join(map(str, batches))} --chunk-size {','.join(map(str, chunks))}")
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r}: exists and is not a folder")
@@ -509,31 +463,10 @@ def worker() -> None:
 
 def run_measurement(spec: dict, kill_rss_bytes: float, time_budget_s: float, *,
                     report_every_s: float | None = None) -> dict:
-    """Run one measurement in a child process (:func:`recipes.bench.harness.run_child` with
-    this module's :func:`worker`), killing it (SIGKILL) once its RSS passes ``kill_rss_bytes``
-    (CPU only) or it runs past ``time_budget_s``; with ``report_every_s``, print the elapsed
-    time and the child's RSS that often (long single steps).
-
-    Returns the child's result (``status`` "ok", "oom", "error", "over-mem-budget",
-    "over-time-budget") plus ``wall_s``, ``child_maxrss_bytes`` (the kernel's peak RSS of the
-    child, ``ru_maxrss`` from ``wait4``) and ``max_polled_rss_bytes``.
-    """
-    from recipes.bench.harness import run_child
-
-    next_report = [report_every_s]
-
-    def on_poll(elapsed: float, rss: int, max_rss: int) -> None:
-        if next_report[0] is not None and elapsed >= next_report[0]:
-            _say(f"  ... {elapsed:.0f} s, RSS {fmt_bytes(rss)} (max so far {fmt_bytes(max_rss)})")
-            next_report[0] += report_every_s
-
-    result = run_child(spec, kill_rss_bytes, time_budget_s, worker_module="recipes.bench_images",
-                       on_poll=on_poll)
-    if result.get("status") == "over-mem-budget":
-        result["message"] = f"killed: RSS passed {kill_rss_bytes / 1e9:.2f} GB"
-    elif result.get("status") == "over-time-budget":
-        result["message"] = f"killed: ran past {time_budget_s:.0f} s"
-    return result
+    """One measurement in a child process running this module's :func:`worker`, watched for
+    memory and time (:func:`recipes.bench.harness.run_reported`)."""
+    return run_reported(spec, kill_rss_bytes, time_budget_s, worker_module="recipes.bench_images",
+                        report_every_s=report_every_s)
 
 
 def environment(cfg: BenchImagesConfig) -> dict[str, Any]:

@@ -314,3 +314,34 @@ def run_child(spec: dict, mem_budget_bytes: float, time_budget_s: float, *,
     result["child_maxrss_bytes"] = usage.ru_maxrss * 1024 if usage is not None else None
     result["max_polled_rss_bytes"] = max_seen_rss
     return result
+
+
+def run_reported(spec: dict, kill_rss_bytes: float, time_budget_s: float, *, worker_module: str,
+                 report_every_s: float | None = None) -> dict:
+    """:func:`run_child` for the training-step benchmarks (``recipes.bench_images``,
+    ``recipes.bench_clip``): the child (``worker()`` of ``worker_module``) is killed (SIGKILL)
+    once its RSS passes ``kill_rss_bytes`` (CPU only) or it runs past ``time_budget_s``; with
+    ``report_every_s``, the elapsed time and the child's RSS are printed that often (long
+    single steps), and a killed child's result gets a ``message`` saying which budget it passed.
+
+    Returns the child's result (``status`` "ok", "oom", "error", "over-mem-budget",
+    "over-time-budget") plus ``wall_s``, ``child_maxrss_bytes`` (the kernel's peak RSS of the
+    child, ``ru_maxrss`` from ``wait4``) and ``max_polled_rss_bytes``.
+    """
+    from .report import fmt_bytes
+
+    next_report = [report_every_s]
+
+    def on_poll(elapsed: float, rss: int, max_rss: int) -> None:
+        if next_report[0] is not None and elapsed >= next_report[0]:
+            print(f"  ... {elapsed:.0f} s, RSS {fmt_bytes(rss)} (max so far {fmt_bytes(max_rss)})",
+                  flush=True)
+            next_report[0] += report_every_s
+
+    result = run_child(spec, kill_rss_bytes, time_budget_s, worker_module=worker_module,
+                       on_poll=on_poll)
+    if result.get("status") == "over-mem-budget":
+        result["message"] = f"killed: RSS passed {kill_rss_bytes / 1e9:.2f} GB"
+    elif result.get("status") == "over-time-budget":
+        result["message"] = f"killed: ran past {time_budget_s:.0f} s"
+    return result
