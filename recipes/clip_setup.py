@@ -28,12 +28,11 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipes.common.config import layered_config
+from recipes.common.config import check_number, layered_config
 
 PRESETS = ("auto", "cpu-quick", "gpu")
 LOSSES = ("clip", "siglip")
@@ -134,14 +133,6 @@ def _int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
 
 
-def _float(name: str, value: Any, *, zero: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value >= 0 if zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name}={value!r}: expected a {'non-negative' if zero else 'positive'} "
-                         "finite number")
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -159,10 +150,10 @@ def validate(config: ClipConfig) -> None:
     for name in ("chunk_size", "steps", "stop_after", "warmup", "workers", "threads", "seed",
                  "scenes_seed"):
         _int(_flag(name), getattr(config, name), 0)
-    _float("--lr", config.lr, zero=False)
-    _float("--max-logit-scale", config.max_logit_scale, zero=False)
+    check_number("--lr", config.lr, zero=False)
+    check_number("--max-logit-scale", config.max_logit_scale, zero=False)
     for name in ("weight_decay", "train_seconds"):
-        _float(_flag(name), getattr(config, name), zero=True)
+        check_number(_flag(name), getattr(config, name), zero=True)
     if config.image_size < 16:
         raise ValueError(f"--image-size={config.image_size!r}: expected at least 16 pixels")
     if config.max_length < 4:

@@ -25,7 +25,7 @@ from typing import Any
 
 from cpc.model import CPCModelConfig
 from recipes.common.evaluation import ProbeConfig
-from recipes.common.config import layered_config
+from recipes.common.config import check_int, layered_config
 from recipes.common.config import read_config_file  # noqa: F401  (the recipe imports it from here)
 
 PRESETS = ("auto", "paper", "cpu-quick")
@@ -117,9 +117,7 @@ def validate(config: CPCSpeechConfig) -> None:
     positive = ("steps", "batch_size", "speakers_per_batch", "window", "log_every",
                 "checkpoint_every", "corpus_speakers", "corpus_utterances")
     for name in positive:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive integer")
+        check_int(name, getattr(config, name))
     if config.window % 160:
         raise ValueError(f"window={config.window!r}: expected a multiple of 160 (one frame is "
                          "160 samples)")

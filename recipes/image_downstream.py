@@ -39,7 +39,7 @@ import torch
 
 from recipes.common import distributed as D
 from recipes.common.checkpoint import load_checkpoint
-from recipes.common.config import apply_values, read_config_file
+from recipes.common.config import apply_values, check_int, read_config_file
 from recipes.common.logging import RunLog, format_table
 from recipes.common.rundir import prepare_run_dir, write_config
 from recipes.image_setup import ImagePretrainConfig, MethodSettings, cifar_stem, load_data
@@ -160,9 +160,7 @@ def validate(config: DownstreamConfig) -> None:
     if not config.fractions:
         raise ValueError("--fractions: expected at least one label fraction in (0, 1]")
     for name in ("epochs", "batch_size"):
-        v = getattr(config, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={v!r}: expected a positive integer")
+        check_int(f"--{name.replace('_', '-')}", getattr(config, name))
     for name in ("data", "seg_data"):
         v = getattr(config, name)
         if v is not None and not Path(v).is_dir():

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipes.common.config import layered_config
+from recipes.common.config import check_int, check_number, layered_config
 
 PRESETS = ("auto", "cpu-quick", "cifar")
 OPTIMIZERS = ("adamw", "sgd")
@@ -128,21 +128,6 @@ def build_config(file_values: dict[str, Any] | None = None,
     return config
 
 
-def _positive_int(name: str, value: Any, *, zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if zero else value >= 1)
-    if not ok:
-        raise ValueError(f"{name}={value!r}: expected a {'non-negative' if zero else 'positive'} "
-                         "integer")
-
-
-def _positive_float(name: str, value: Any, *, zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value >= 0 if zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name}={value!r}: expected a {'non-negative' if zero else 'positive'} "
-                         "finite number")
-
-
 def validate(config: ImagePretrainConfig) -> None:
     """Every setting checked before any data is read or any step is trained."""
     from modalities.image.backbones import BACKBONES
@@ -157,23 +142,23 @@ def validate(config: ImagePretrainConfig) -> None:
     for name in ("image_size", "batch_size", "epochs", "log_every", "checkpoint_every", "knn_k",
                  "knn_every_epochs", "diagnostics_samples", "eval_batch_size", "width",
                  "synthetic_train", "synthetic_test", "segmentation_head_width"):
-        _positive_int(name, getattr(config, name))
+        check_int(name, getattr(config, name))
     for name in ("chunk_size", "steps", "stop_after", "workers", "threads", "diagnostics_every",
                  "segmentation_epochs", "segmentation_train_images", "seed"):
-        _positive_int(name, getattr(config, name), zero=True)
+        check_int(name, getattr(config, name), zero=True)
     if config.image_size < 16:
         raise ValueError(f"image_size={config.image_size!r}: expected at least 16 pixels")
     for name in ("lr", "knn_temperature"):
-        _positive_float(name, getattr(config, name))
+        check_number(name, getattr(config, name))
     for name in ("weight_decay", "warmup_epochs", "train_seconds"):
-        _positive_float(name, getattr(config, name), zero=True)
+        check_number(name, getattr(config, name), zero=True)
     if not (isinstance(config.crop_min_scale, (int, float)) and 0 < config.crop_min_scale <= 1):
         raise ValueError(f"crop_min_scale={config.crop_min_scale!r}: expected a number in (0, 1]")
     s = config.settings
     for name in ("projection_dim", "projection_hidden", "queue_size"):
-        _positive_int(f"settings.{name}", getattr(s, name))
+        check_int(f"settings.{name}", getattr(s, name))
     for name in ("temperature", "triplet_margin", "drlim_margin", "barlow_lambda"):
-        _positive_float(f"settings.{name}", getattr(s, name))
+        check_number(f"settings.{name}", getattr(s, name))
     for name in ("momentum", "momentum_final"):
         v = getattr(s, name)
         if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):

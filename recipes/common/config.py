@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -26,6 +27,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config={str(path)!r}: expected a mapping at the top level, got "
                          f"{type(values).__name__}")
     return values
+
+
+def check_int(name: str, value: Any, *, zero: bool = False) -> None:
+    """``ValueError`` naming ``name`` and ``value`` unless ``value`` is an ``int`` (not a bool)
+    ``>= 1``, or ``>= 0`` with ``zero``."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if zero else value >= 1)
+    if not ok:
+        raise ValueError(f"{name}={value!r}: expected a {'non-negative' if zero else 'positive'} "
+                         "integer")
+
+
+def check_number(name: str, value: Any, *, zero: bool = False) -> None:
+    """``ValueError`` naming ``name`` and ``value`` unless ``value`` is a finite int or float
+    (not a bool) ``> 0``, or ``>= 0`` with ``zero``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= 0 if zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name}={value!r}: expected a {'non-negative' if zero else 'positive'} "
+                         "finite number")
 
 
 def apply_values(target: Any, values: dict[str, Any], where: str) -> None:
