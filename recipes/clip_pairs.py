@@ -71,6 +71,7 @@ import torch  # noqa: E402
 from recipes.clip_setup import (ClipConfig, build_config, load_data, templates_of)  # noqa: E402
 from recipes.common import distributed as D
 from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
+from recipes.common.cli import cli_main
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.rundir import open_run, write_config
@@ -850,12 +851,7 @@ def _report(summary: dict[str, Any], evaluation: dict[str, Any], log: RunLog) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(run, argv, (ValueError, FileNotFoundError, FloatingPointError))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from cpc.model import CPCModel, count_parameters
 from recipes.common.evaluation import ProbeConfig, linear_probe
 from recipes.common import distributed as D
 from recipes.common.checkpoint import load_resume, restore_training, rng_state, save_checkpoint
+from recipes.common.cli import cli_main
 from recipes.common.logging import MetricsLog, format_table
 from recipes.common.plots import plot_probes, plot_training
 from recipes.common.rundir import write_config
@@ -481,12 +482,7 @@ def print_report(summary: dict[str, Any], results: dict[str, dict[str, dict]]) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError, BadAudioError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(run, argv, (ValueError, FileNotFoundError, BadAudioError))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 
 from recipes.common import distributed as D
 from recipes.common.checkpoint import load_checkpoint
+from recipes.common.cli import cli_main
 from recipes.common.config import apply_values, check_int, read_config_file
 from recipes.common.logging import RunLog, format_table
 from recipes.common.rundir import prepare_run_dir, write_config
@@ -365,12 +366,7 @@ def _report(results: dict[str, Any], log: RunLog) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

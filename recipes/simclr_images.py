@@ -47,6 +47,7 @@ import torch
 
 from recipes.common import distributed as D
 from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
+from recipes.common.cli import cli_main
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.rundir import open_run, prepare_run_dir, write_config
@@ -604,12 +605,7 @@ def _report(summary: dict[str, Any], evaluation: dict[str, Any], log: RunLog) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(run, argv, (ValueError, FileNotFoundError, FloatingPointError))
 
 
 if __name__ == "__main__":
