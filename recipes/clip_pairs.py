@@ -71,7 +71,7 @@ import torch  # noqa: E402
 from recipes.clip_setup import (ClipConfig, build_config, load_data, templates_of)  # noqa: E402
 from recipes.common import distributed as D
 from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
-from recipes.common.cli import cli_main
+from recipes.common.cli import add_resume_arguments, cli_main
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.rundir import open_run, write_config
@@ -166,15 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default runs/clip_pairs).")
     r.add_argument("--eval-every", type=int, help="validation retrieval and diagnostics every "
                    "this many steps.")
-    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue the run in --out (default checkpoint: <out>/checkpoint.pt); "
-                   "the continued run computes what an uninterrupted one would. Refused if the "
-                   "configuration differs (the differing fields are named) unless "
-                   "--override-config.")
-    r.add_argument("--override-config", action="store_true", help="with --resume: accept a "
-                   "configuration that differs from the checkpoint's.")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run in --out "
-                   "(without it, or --resume, an existing run is never touched).")
+    add_resume_arguments(r)
     r.add_argument("--quiet", action="store_true", help="no progress display.")
     return p
 

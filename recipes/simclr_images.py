@@ -47,7 +47,7 @@ import torch
 
 from recipes.common import distributed as D
 from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
-from recipes.common.cli import cli_main
+from recipes.common.cli import add_resume_arguments, cli_main
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.rundir import open_run, prepare_run_dir, write_config
@@ -108,15 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "preset's).")
     p.add_argument("--device", help="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
     p.add_argument("--workers", type=int, help="DataLoader worker processes for augmentation.")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue the run in --out (default checkpoint: <out>/checkpoint.pt); "
-                   "the continued run computes what an uninterrupted one would. Refused if the "
-                   "configuration differs (the differing fields are named) unless "
-                   "--override-config.")
-    p.add_argument("--override-config", action="store_true", help="with --resume: accept a "
-                   "configuration that differs from the checkpoint's.")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out "
-                   "(without it, or --resume, an existing run is never touched).")
+    add_resume_arguments(p)
     p.add_argument("--config", help="YAML or JSON file of ImagePretrainConfig fields "
                    "(recipes/image_setup.py; nested 'settings' for the method); flags override it.")
     p.add_argument("--preset", choices=["auto", "cpu-quick", "cifar"], help="base settings: "
