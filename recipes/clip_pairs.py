@@ -75,6 +75,7 @@ from recipes.common.cli import add_resume_arguments, cli_main
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.rundir import open_run, write_config
+from recipes.common.schedule import lr_at, set_lr
 
 CHECKPOINT = "checkpoint.pt"
 # settings a resumed run may change without changing what it computes up to its stop
@@ -204,14 +205,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------
 # sampling: a pure function of (seed, step), so a resumed run draws what an uninterrupted one would
-
-
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class PairSampler:
@@ -519,8 +512,7 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
         x = images_u8[img_idx].to(device)  # uint8: made float pixels chunk by chunk in the step
         ids, mask = train_ids[cap_idx].to(device), train_mask[cap_idx].to(device)
         lr = lr_at(step, total, config.warmup, config.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         model.train()
         loss, _, _ = train_step(model, x, ids, mask, config.chunk_size or None,
                                 image_transform=lambda u8, th=None: pixels(u8, config.image_size, th),

@@ -51,6 +51,7 @@ from recipes.common.cli import add_resume_arguments, cli_main
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.rundir import open_run, prepare_run_dir, write_config
+from recipes.common.schedule import lr_at, set_lr
 from recipes.image_setup import (LABELLED_BATCHES, TEMPERATURE_METHODS, ImagePretrainConfig, build_config, cifar_stem,
                                  load_data, parse_temperatures)
 
@@ -208,14 +209,6 @@ def _fmt(x: Any) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _build(config: ImagePretrainConfig, num_classes: int):
     from modalities.image.backbones import build_backbone
     from modalities.image.methods import MethodConfig, build_method
@@ -353,8 +346,7 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
             break
         x, labels = next(batches)
         lr = lr_at(step, total, warmup, config.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         method.train()
         loss, stats, _, _ = train_step(method, train_model, x.to(device), labels.to(device),
                                        config.chunk_size or None)
