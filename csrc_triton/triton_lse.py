@@ -525,6 +525,125 @@ def _load_col_side(offs_n, col_ok, col_lse_ptr, grad_col_ptr, col_labels_ptr, bi
     return c2, h, col_key, bias2
 
 
+# Tile helpers of the backward kernels (LSE and SigLIP: :mod:`csrc_triton.triton_siglip`), inlined by Triton.
+@triton.jit
+def _backward_offsets(local_m, local_n, offs_d, offs_do, D, stride_qn, stride_qd, stride_kn, stride_kd):
+    """In-tile offsets: k^T (BLOCK_D, BLOCK_N) and q (BLOCK_M, BLOCK_D) of the logit products;
+    q (BLOCK_M, BLOCK_DO) and k (BLOCK_N, BLOCK_DO) of the gradient products; dq, dk in the
+    contiguous (., D) fp32 buffers and outputs."""
+    kt_offs = local_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    q_offs = local_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_out_offs = local_m[:, None] * stride_qn + offs_do[None, :] * stride_qd
+    k_out_offs = local_n[:, None] * stride_kn + offs_do[None, :] * stride_kd
+    dq_offs = local_m[:, None] * D + offs_do[None, :]
+    dk_offs = local_n[:, None] * D + offs_do[None, :]
+    return kt_offs, q_offs, q_out_offs, k_out_offs, dq_offs, dk_offs
+
+
+@triton.jit
+def _load_out_tile(ptr, mask, UPCAST: tl.constexpr):
+    """An input tile of a gradient product (0 where masked); fp32 under UPCAST (the interpreter's bfloat16)."""
+    tile = tl.load(ptr, mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _narrow_dq_keys(k_block, k_out_offs, col_ok, do_ok, LOAD: tl.constexpr, UPCAST: tl.constexpr):
+    """The slice k_j[offs_do] a column owner's narrow dq needs, loaded once per program (LOAD:
+    NEEDS_DQ and not WIDE); otherwise a placeholder :func:`_apply_grad_cols` never reads."""
+    k_out = 0.0
+    if LOAD:
+        k_out = _load_out_tile(k_block + k_out_offs, col_ok[:, None] & do_ok[None, :], UPCAST)
+    return k_out
+
+
+@triton.jit
+def _apply_grad_cols(
+    G, dk, k_out, scale, q_block, k_block, dq_block, dk_block, q_out_offs, k_out_offs, dq_offs, dk_offs,
+    offs_do, row_ok, col_ok, do_ok, D, stride_qd, stride_kd,
+    NEEDS_DQ: tl.constexpr, NEEDS_DK: tl.constexpr, WIDE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """One G tile (row block x the program's key block) of a column-owner backward: dk_j += sum_i
+    G_ij q_i in registers (times s in :func:`_store_dk`), dq_i += s sum_j G_ij k_j atomically
+    (k_out: :func:`_narrow_dq_keys`). WIDE: a loop over every BLOCK_DO chunk of the output, dq
+    and dk (times s) added atomically. Returns dk."""
+    if NEEDS_DQ or NEEDS_DK:
+        # G in the input dtype for the tensor-core products (fp32 inputs: unchanged).
+        g_in = G.to(q_block.dtype.element_ty)
+        if UPCAST:
+            g_in = g_in.to(tl.float32)
+        if WIDE:
+            q_chunk = q_block
+            k_chunk = k_block
+            dq_chunk = dq_block
+            dk_chunk = dk_block
+            for do_start in range(0, D, BLOCK_DO):
+                do_in = offs_do < D - do_start
+                if NEEDS_DK:
+                    q_out = _load_out_tile(q_chunk + q_out_offs, row_ok[:, None] & do_in[None, :], UPCAST)
+                    # dk_j += s sum_i G_ij q_i
+                    dk_part = tl.dot(tl.trans(g_in), q_out, input_precision=DOT_PRECISION) * scale
+                    tl.atomic_add(dk_chunk + dk_offs, dk_part, mask=col_ok[:, None] & do_in[None, :], sem="relaxed")
+                if NEEDS_DQ:
+                    k_wide = _load_out_tile(k_chunk + k_out_offs, col_ok[:, None] & do_in[None, :], UPCAST)
+                    # dq_i += s sum_j G_ij k_j
+                    dq_part = tl.dot(g_in, k_wide, input_precision=DOT_PRECISION) * scale
+                    tl.atomic_add(dq_chunk + dq_offs, dq_part, mask=row_ok[:, None] & do_in[None, :], sem="relaxed")
+                q_chunk += BLOCK_DO * stride_qd
+                k_chunk += BLOCK_DO * stride_kd
+                dq_chunk += BLOCK_DO
+                dk_chunk += BLOCK_DO
+        else:
+            if NEEDS_DK:
+                q_out = _load_out_tile(q_block + q_out_offs, row_ok[:, None] & do_ok[None, :], UPCAST)
+                # dk_j += sum_i G_ij q_i   (times s after the loop)
+                dk = tl.dot(tl.trans(g_in), q_out, dk, input_precision=DOT_PRECISION)
+            if NEEDS_DQ:
+                dq_part = tl.dot(g_in, k_out, input_precision=DOT_PRECISION) * scale
+                tl.atomic_add(dq_block + dq_offs, dq_part, mask=row_ok[:, None] & do_ok[None, :], sem="relaxed")
+    return dk
+
+
+@triton.jit
+def _store_dk(dk, scale, dk_ptr, dk_block, dk_offs, col0, col_ok, do_ok, dk_mode, split, M, D):
+    """A column owner's dk = s sum_i G_ij q_i (narrow form): a direct store in k's dtype (dk_mode
+    0), fp32 atomics into (M, D) (1) or the split's fp32 (M, D) partial (2)."""
+    dk = dk * scale
+    out_mask = col_ok[:, None] & do_ok[None, :]
+    if dk_mode == 0:
+        tl.store(dk_ptr + col0.to(tl.int64) * D + dk_offs, dk.to(dk_ptr.dtype.element_ty), mask=out_mask)
+    elif dk_mode == 1:
+        tl.atomic_add(dk_block + dk_offs, dk, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(dk_block + split.to(tl.int64) * M * D + dk_offs, dk, mask=out_mask)
+
+
+@triton.jit
+def _rows_dq_step(G, dq, k_block, k_out_offs, col_ok, do_ok, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A query owner's dq_i += sum_j G_ij k_j over one key block (times s in :func:`_store_dq`), G
+    in the input dtype for the tensor-core product. Returns dq."""
+    g_in = G.to(k_block.dtype.element_ty)
+    if UPCAST:
+        g_in = g_in.to(tl.float32)
+    k_out = _load_out_tile(k_block + k_out_offs, col_ok[:, None] & do_ok[None, :], UPCAST)
+    return tl.dot(g_in, k_out, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _store_dq(dq, scale, dq_ptr, dq_part_ptr, dq_offs, row0, row_ok, do_ok, direct, split, N, D):
+    """A query owner's dq = s sum_j G_ij k_j: a direct store in q's dtype (one split) or the
+    split's fp32 (N, D) partial."""
+    dq = dq * scale
+    out_mask = row_ok[:, None] & do_ok[None, :]
+    if direct != 0:
+        tl.store(dq_ptr + row0.to(tl.int64) * D + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(dq_part_ptr + (split.to(tl.int64) * N + row0) * D + dq_offs, dq, mask=out_mask)
+
+
 @triton.jit(do_not_specialize=RUNTIME_SCALARS)
 def _lse_backward_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr,
@@ -561,7 +680,6 @@ def _lse_backward_kernel(
     split = tl.program_id(2)
     scale = tl.load(scale_ptr).to(tl.float32)
     s2 = scale * _LOG2E
-    in_dtype = q_ptr.dtype.element_ty
 
     col0 = pid_n * BLOCK_N
     local_m = tl.arange(0, BLOCK_M)
@@ -572,6 +690,8 @@ def _lse_backward_kernel(
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
     k_block = k_ptr + col0.to(tl.int64) * stride_kn
+    # The offsets of _backward_offsets, written out: its inlined debug scope made ptxas use one more
+    # register in the fp32 (POS 1, no dq, no dk) variant (python -m csrc_triton.static_check).
     kt_offs = local_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     q_offs = local_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q_out_offs = local_m[:, None] * stride_qn + offs_do[None, :] * stride_qd
@@ -583,11 +703,7 @@ def _lse_backward_kernel(
 
     c2, h, col_key, bias2 = _load_col_side(offs_n, col_ok, col_lse_ptr, grad_col_ptr, col_labels_ptr,
                                            bias_ptr, has_bias, HAS_COL, POS)
-    if NEEDS_DQ and not WIDE:
-        # The slice k_j[offs_do] that dq needs, loaded once.
-        k_out = tl.load(k_block + k_out_offs, mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-        if UPCAST:
-            k_out = k_out.to(tl.float32)
+    k_out = _narrow_dq_keys(k_block, k_out_offs, col_ok, do_ok, NEEDS_DQ and not WIDE, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     dscale = tl.zeros([BLOCK_N], tl.float32)
     dbias = tl.zeros([BLOCK_N], tl.float32)
@@ -614,61 +730,15 @@ def _lse_backward_kernel(
             if needs_dbias != 0:
                 dbias += tl.sum(G, axis=0)
 
-        if NEEDS_DQ or NEEDS_DK:
-            # G in the input dtype for the tensor-core products (fp32 inputs: unchanged).
-            g_in = G.to(in_dtype)
-            if UPCAST:
-                g_in = g_in.to(tl.float32)
-            if WIDE:
-                q_chunk = q_block
-                k_chunk = k_block
-                dq_chunk = dq_block
-                dk_chunk = dk_block
-                for do_start in range(0, D, BLOCK_DO):
-                    do_in = offs_do < D - do_start
-                    if NEEDS_DK:
-                        q_out = tl.load(q_chunk + q_out_offs, mask=row_ok[:, None] & do_in[None, :], other=0.0)
-                        if UPCAST:
-                            q_out = q_out.to(tl.float32)
-                        # dk_j += s sum_i G_ij q_i
-                        dk_part = tl.dot(tl.trans(g_in), q_out, input_precision=DOT_PRECISION) * scale
-                        tl.atomic_add(dk_chunk + dk_offs, dk_part, mask=col_ok[:, None] & do_in[None, :],
-                                      sem="relaxed")
-                    if NEEDS_DQ:
-                        k_wide = tl.load(k_chunk + k_out_offs, mask=col_ok[:, None] & do_in[None, :], other=0.0)
-                        if UPCAST:
-                            k_wide = k_wide.to(tl.float32)
-                        # dq_i += s sum_j G_ij k_j
-                        dq_part = tl.dot(g_in, k_wide, input_precision=DOT_PRECISION) * scale
-                        tl.atomic_add(dq_chunk + dq_offs, dq_part, mask=row_ok[:, None] & do_in[None, :],
-                                      sem="relaxed")
-                    q_chunk += BLOCK_DO * stride_qd
-                    k_chunk += BLOCK_DO * stride_kd
-                    dq_chunk += BLOCK_DO
-                    dk_chunk += BLOCK_DO
-            else:
-                if NEEDS_DK:
-                    q_out = tl.load(q_block + q_out_offs, mask=row_ok[:, None] & do_ok[None, :], other=0.0)
-                    if UPCAST:
-                        q_out = q_out.to(tl.float32)
-                    # dk_j += sum_i G_ij q_i   (times s after the loop)
-                    dk = tl.dot(tl.trans(g_in), q_out, dk, input_precision=DOT_PRECISION)
-                if NEEDS_DQ:
-                    dq_part = tl.dot(g_in, k_out, input_precision=DOT_PRECISION) * scale
-                    tl.atomic_add(dq_block + dq_offs, dq_part, mask=row_ok[:, None] & do_ok[None, :], sem="relaxed")
+        dk = _apply_grad_cols(G, dk, k_out, scale, q_block, k_block, dq_block, dk_block, q_out_offs, k_out_offs,
+                              dq_offs, dk_offs, offs_do, row_ok, col_ok, do_ok, D, stride_qd, stride_kd,
+                              NEEDS_DQ, NEEDS_DK, WIDE, UPCAST, DOT_PRECISION, BLOCK_DO)
         row0 += BLOCK_M
         q_block += BLOCK_M * stride_qn
         dq_block += BLOCK_M * D
 
     if NEEDS_DK and not WIDE:
-        dk = dk * scale
-        out_mask = col_ok[:, None] & do_ok[None, :]
-        if dk_mode == 0:
-            tl.store(dk_ptr + col0.to(tl.int64) * D + dk_offs, dk.to(dk_ptr.dtype.element_ty), mask=out_mask)
-        elif dk_mode == 1:
-            tl.atomic_add(dk_block + dk_offs, dk, mask=out_mask, sem="relaxed")
-        else:
-            tl.store(dk_block + split.to(tl.int64) * M * D + dk_offs, dk, mask=out_mask)
+        _store_dk(dk, scale, dk_ptr, dk_block, dk_offs, col0, col_ok, do_ok, dk_mode, split, M, D)
     if pid_do == 0:
         tl.store(dscale_part_ptr + split * tl.num_programs(0) + pid_n, tl.sum(dscale, axis=0))
         if needs_dbias != 0:
@@ -703,7 +773,6 @@ def _lse_backward_rows_kernel(
     split = tl.program_id(2)
     scale = tl.load(scale_ptr).to(tl.float32)
     s2 = scale * _LOG2E
-    in_dtype = q_ptr.dtype.element_ty
 
     row0 = pid_m * BLOCK_M
     local_m = tl.arange(0, BLOCK_M)
@@ -714,10 +783,8 @@ def _lse_backward_rows_kernel(
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
     q_block = q_ptr + row0.to(tl.int64) * stride_qn
-    kt_offs = local_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    q_offs = local_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    k_out_offs = local_n[:, None] * stride_kn + offs_do[None, :] * stride_kd
-    dq_offs = local_m[:, None] * D + offs_do[None, :]
+    kt_offs, q_offs, _q_out_offs, k_out_offs, dq_offs, _dk_offs = _backward_offsets(
+        local_m, local_n, offs_d, offs_do, D, stride_qn, stride_qd, stride_kn, stride_kd)
     q_step = BLOCK_D * stride_qd
     k_step = BLOCK_D * stride_kd
 
@@ -743,21 +810,11 @@ def _lse_backward_rows_kernel(
         if pid_do == 0:
             if needs_dscale != 0:
                 dscale += tl.sum(G * dot, axis=1)
-        g_in = G.to(in_dtype)
-        k_out = tl.load(k_block + k_out_offs, mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-        if UPCAST:
-            g_in = g_in.to(tl.float32)
-            k_out = k_out.to(tl.float32)
-        dq = tl.dot(g_in, k_out, dq, input_precision=DOT_PRECISION)
+        dq = _rows_dq_step(G, dq, k_block, k_out_offs, col_ok, do_ok, UPCAST, DOT_PRECISION)
         col0 += BLOCK_N
         k_block += BLOCK_N * stride_kn
 
-    dq = dq * scale
-    out_mask = row_ok[:, None] & do_ok[None, :]
-    if direct != 0:
-        tl.store(dq_ptr + row0.to(tl.int64) * D + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(dq_part_ptr + (split.to(tl.int64) * N + row0) * D + dq_offs, dq, mask=out_mask)
+    _store_dq(dq, scale, dq_ptr, dq_part_ptr, dq_offs, row0, row_ok, do_ok, direct, split, N, D)
     if pid_do == 0:
         if needs_dscale != 0:
             tl.store(dscale_part_ptr + split * tl.num_programs(0) + pid_m, tl.sum(dscale, axis=0))

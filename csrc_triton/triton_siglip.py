@@ -60,9 +60,15 @@ from ._alloc import empty
 from .tile_configs import CONFIGS, BackwardConfig, ForwardConfig, config_name
 from .triton_lse import (
     _EPILOGUE_BLOCK,
+    _apply_grad_cols,
+    _backward_offsets,
     _dot_precision,
     _interpreting,
+    _narrow_dq_keys,
+    _rows_dq_step,
     _splits,
+    _store_dk,
+    _store_dq,
     _sum_kernel,
     _sum_splits_kernel,
     _tile_dot,
@@ -224,7 +230,6 @@ def _siglip_backward_cols_kernel(
     split = tl.program_id(2)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    in_dtype = q_ptr.dtype.element_ty
 
     col0 = pid_n * BLOCK_N
     local_m = tl.arange(0, BLOCK_M)
@@ -235,19 +240,12 @@ def _siglip_backward_cols_kernel(
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
     k_block = k_ptr + col0.to(tl.int64) * stride_kn
-    kt_offs = local_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    q_offs = local_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q_out_offs = local_m[:, None] * stride_qn + offs_do[None, :] * stride_qd
-    k_out_offs = local_n[:, None] * stride_kn + offs_do[None, :] * stride_kd
-    dq_offs = local_m[:, None] * D + offs_do[None, :]
-    dk_offs = local_n[:, None] * D + offs_do[None, :]
+    kt_offs, q_offs, q_out_offs, k_out_offs, dq_offs, dk_offs = _backward_offsets(
+        local_m, local_n, offs_d, offs_do, D, stride_qn, stride_qd, stride_kn, stride_kd)
     q_step = BLOCK_D * stride_qd
     k_step = BLOCK_D * stride_kd
 
-    if NEEDS_DQ and not WIDE:
-        k_out = tl.load(k_block + k_out_offs, mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-        if UPCAST:
-            k_out = k_out.to(tl.float32)
+    k_out = _narrow_dq_keys(k_block, k_out_offs, col_ok, do_ok, NEEDS_DQ and not WIDE, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     dscale = tl.zeros([BLOCK_N], tl.float32)
     dbias = tl.zeros([BLOCK_N], tl.float32)
@@ -270,60 +268,16 @@ def _siglip_backward_cols_kernel(
                 # dt = sum_ij G_ij (x_i . y_j);  db = sum_ij G_ij
                 dscale += tl.sum(G * dot, axis=0)
                 dbias += tl.sum(G, axis=0)
-        if NEEDS_DQ or NEEDS_DK:
-            g_in = G.to(in_dtype)  # fp32 inputs: unchanged
-            if UPCAST:
-                g_in = g_in.to(tl.float32)
-            if WIDE:
-                q_chunk = q_block
-                k_chunk = k_block
-                dq_chunk = dq_block
-                dk_chunk = dk_block
-                for do_start in range(0, D, BLOCK_DO):
-                    do_in = offs_do < D - do_start
-                    if NEEDS_DK:
-                        q_out = tl.load(q_chunk + q_out_offs, mask=row_ok[:, None] & do_in[None, :], other=0.0)
-                        if UPCAST:
-                            q_out = q_out.to(tl.float32)
-                        # dy_j += t sum_i G_ij x_i
-                        dk_part = tl.dot(tl.trans(g_in), q_out, input_precision=DOT_PRECISION) * scale
-                        tl.atomic_add(dk_chunk + dk_offs, dk_part, mask=col_ok[:, None] & do_in[None, :],
-                                      sem="relaxed")
-                    if NEEDS_DQ:
-                        k_wide = tl.load(k_chunk + k_out_offs, mask=col_ok[:, None] & do_in[None, :], other=0.0)
-                        if UPCAST:
-                            k_wide = k_wide.to(tl.float32)
-                        # dx_i += t sum_j G_ij y_j
-                        dq_part = tl.dot(g_in, k_wide, input_precision=DOT_PRECISION) * scale
-                        tl.atomic_add(dq_chunk + dq_offs, dq_part, mask=row_ok[:, None] & do_in[None, :],
-                                      sem="relaxed")
-                    q_chunk += BLOCK_DO * stride_qd
-                    k_chunk += BLOCK_DO * stride_kd
-                    dq_chunk += BLOCK_DO
-                    dk_chunk += BLOCK_DO
-            else:
-                if NEEDS_DK:
-                    q_out = tl.load(q_block + q_out_offs, mask=row_ok[:, None] & do_ok[None, :], other=0.0)
-                    if UPCAST:
-                        q_out = q_out.to(tl.float32)
-                    # dy_j += sum_i G_ij x_i   (times t after the loop)
-                    dk = tl.dot(tl.trans(g_in), q_out, dk, input_precision=DOT_PRECISION)
-                if NEEDS_DQ:
-                    dq_part = tl.dot(g_in, k_out, input_precision=DOT_PRECISION) * scale
-                    tl.atomic_add(dq_block + dq_offs, dq_part, mask=row_ok[:, None] & do_ok[None, :], sem="relaxed")
+        # q = x, k = y, s = t: dy_j += t sum_i G_ij x_i, dx_i += t sum_j G_ij y_j
+        dk = _apply_grad_cols(G, dk, k_out, scale, q_block, k_block, dq_block, dk_block, q_out_offs, k_out_offs,
+                              dq_offs, dk_offs, offs_do, row_ok, col_ok, do_ok, D, stride_qd, stride_kd,
+                              NEEDS_DQ, NEEDS_DK, WIDE, UPCAST, DOT_PRECISION, BLOCK_DO)
         row0 += BLOCK_M
         q_block += BLOCK_M * stride_qn
         dq_block += BLOCK_M * D
 
     if NEEDS_DK and not WIDE:
-        dk = dk * scale
-        out_mask = col_ok[:, None] & do_ok[None, :]
-        if dk_mode == 0:
-            tl.store(dk_ptr + col0.to(tl.int64) * D + dk_offs, dk.to(dk_ptr.dtype.element_ty), mask=out_mask)
-        elif dk_mode == 1:
-            tl.atomic_add(dk_block + dk_offs, dk, mask=out_mask, sem="relaxed")
-        else:
-            tl.store(dk_block + split.to(tl.int64) * M * D + dk_offs, dk, mask=out_mask)
+        _store_dk(dk, scale, dk_ptr, dk_block, dk_offs, col0, col_ok, do_ok, dk_mode, split, M, D)
     if pid_do == 0:
         if needs_scalars != 0:
             slot = split * tl.num_programs(0) + pid_n
@@ -353,7 +307,6 @@ def _siglip_backward_rows_kernel(
     split = tl.program_id(2)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    in_dtype = q_ptr.dtype.element_ty
 
     row0 = pid_m * BLOCK_M
     local_m = tl.arange(0, BLOCK_M)
@@ -364,10 +317,8 @@ def _siglip_backward_rows_kernel(
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
     q_block = q_ptr + row0.to(tl.int64) * stride_qn
-    kt_offs = local_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    q_offs = local_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    k_out_offs = local_n[:, None] * stride_kn + offs_do[None, :] * stride_kd
-    dq_offs = local_m[:, None] * D + offs_do[None, :]
+    kt_offs, q_offs, _q_out_offs, k_out_offs, dq_offs, _dk_offs = _backward_offsets(
+        local_m, local_n, offs_d, offs_do, D, stride_qn, stride_qd, stride_kn, stride_kd)
     q_step = BLOCK_D * stride_qd
     k_step = BLOCK_D * stride_kd
 
@@ -389,22 +340,12 @@ def _siglip_backward_rows_kernel(
             if needs_scalars != 0:
                 dscale += tl.sum(G * dot, axis=1)
                 dbias += tl.sum(G, axis=1)
-        g_in = G.to(in_dtype)
-        k_out = tl.load(k_block + k_out_offs, mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-        if UPCAST:
-            g_in = g_in.to(tl.float32)
-            k_out = k_out.to(tl.float32)
         # dx_i += sum_j G_ij y_j   (times t after the loop)
-        dq = tl.dot(g_in, k_out, dq, input_precision=DOT_PRECISION)
+        dq = _rows_dq_step(G, dq, k_block, k_out_offs, col_ok, do_ok, UPCAST, DOT_PRECISION)
         col0 += BLOCK_N
         k_block += BLOCK_N * stride_kn
 
-    dq = dq * scale
-    out_mask = row_ok[:, None] & do_ok[None, :]
-    if direct != 0:
-        tl.store(dq_ptr + row0.to(tl.int64) * D + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(dq_part_ptr + (split.to(tl.int64) * N + row0) * D + dq_offs, dq, mask=out_mask)
+    _store_dq(dq, scale, dq_ptr, dq_part_ptr, dq_offs, row0, row_ok, do_ok, direct, split, N, D)
     if pid_do == 0:
         if needs_scalars != 0:
             slot = split * tl.num_programs(0) + pid_m
