@@ -3,6 +3,7 @@ was expected. Checks that read tensor values are skipped while ``torch.compile``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
 
 import torch
@@ -74,9 +75,28 @@ def positive_scalar(
     in the features' dtype too. A tensor's value is checked only where reading it needs no
     device synchronisation (CPU tensors): on CUDA the losses stay capturable in a CUDA graph.
     """
+    return _scalar(name, value, device, dtype, "a positive float", what,
+                   lambda v: _check_positive(name, v, dtype, what, reciprocal))
+
+
+def finite_scalar(name: str, value: object, device: torch.device, dtype: torch.dtype, *, what: str) -> Tensor:
+    """A finite float or one-element floating tensor of any sign (a logit bias), returned as a
+    0-dim tensor in the accumulation dtype, checked as :func:`positive_scalar` checks."""
+
+    def check_finite(v: float) -> None:
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite ({what}), got {v}")
+
+    return _scalar(name, value, device, dtype, "a float", what, check_finite)
+
+
+def _scalar(name: str, value: object, device: torch.device, dtype: torch.dtype, kind: str, what: str,
+            check_value: Callable[[float], None]) -> Tensor:
+    """The checks shared by the scalar arguments: ``kind`` names what a float must be in the
+    TypeError, ``check_value`` checks a value that can be read without device synchronisation."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if isinstance(value, bool) or not isinstance(value, (Real, Tensor)):
-        raise TypeError(f"{name} must be a positive float or a 0-dim tensor ({what}), got {type(value).__name__}")
+        raise TypeError(f"{name} must be {kind} or a 0-dim tensor ({what}), got {type(value).__name__}")
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar ({what}), got a tensor of shape {tuple(value.shape)}")
@@ -85,10 +105,10 @@ def positive_scalar(
         if value.device != device and value.device.type != "meta":
             raise ValueError(f"{name} is on device {value.device} but the features are on {device}")
         if _host_readable(value):
-            _check_positive(name, float(value.detach().reshape(())), dtype, what, reciprocal)
+            check_value(float(value.detach().reshape(())))
         return value.reshape(()).to(acc)
     v = float(value)
-    _check_positive(name, v, dtype, what, reciprocal)
+    check_value(v)
     return torch.tensor(v, dtype=acc, device=device)
 
 

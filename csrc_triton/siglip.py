@@ -32,9 +32,7 @@ Work: 2NMD flops forward, 6NMD backward (recompute, dx, dy).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from numbers import Real
 
 import torch
 from torch import Tensor
@@ -243,32 +241,6 @@ _lib.impl("siglip", siglip_impl, "CompositeImplicitAutograd")
 # ----------------------------------------------------------------------------------------------
 # Public front end
 # ----------------------------------------------------------------------------------------------
-def _logit_bias(value: object, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A finite float or one-element floating tensor (any sign), as a 0-dim tensor in the
-    accumulation dtype (gradients flow back to a tensor). Its value is checked only where
-    reading it costs no device synchronisation (CPU tensors, not while tracing)."""
-    acc = acc_dtype(torch.empty(0, dtype=dtype))
-    what = "b in s = t x.y + b"
-    if isinstance(value, bool) or not isinstance(value, (Real, Tensor)):
-        raise TypeError(f"logit_bias must be a float or a 0-dim tensor ({what}), got {type(value).__name__}")
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"logit_bias must be a scalar ({what}), got a tensor of shape {tuple(value.shape)}")
-        if not value.dtype.is_floating_point:
-            raise TypeError(f"logit_bias must be a floating-point tensor ({what}), got dtype {value.dtype}")
-        if value.device != device and value.device.type != "meta":
-            raise ValueError(f"logit_bias is on device {value.device} but the features are on {device}")
-        if check._host_readable(value):
-            v = float(value.detach().reshape(()))
-            if not math.isfinite(v):
-                raise ValueError(f"logit_bias must be finite ({what}), got {v}")
-        return value.reshape(()).to(acc)
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"logit_bias must be finite ({what}), got {v}")
-    return torch.tensor(v, dtype=acc, device=device)
-
-
 def siglip(
     image_features: Tensor,
     text_features: Tensor,
@@ -314,7 +286,8 @@ def siglip(
     check.pair("image_features", image_features, "text_features", text_features)
     scale = check.positive_scalar("logit_scale", logit_scale, image_features.device, image_features.dtype,
                                   what="the logit multiplier")
-    bias = _logit_bias(logit_bias, image_features.device, image_features.dtype)
+    bias = check.finite_scalar("logit_bias", logit_bias, image_features.device, image_features.dtype,
+                               what="b in s = t x.y + b")
     check.reduction(reduction)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
