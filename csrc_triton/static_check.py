@@ -144,15 +144,23 @@ def _in_subset(job: Job) -> bool:
     return False
 
 
-def variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = False) -> list[Job]:
-    """The compilation jobs: every shipped variant (what the launchers can produce, x dtypes),
-    or (``subset``) the representative ones of :func:`_in_subset`."""
+def _config_names(arch: int, dtypes: Sequence[str]) -> list[tuple[str, str]]:
+    """(dtype, :data:`csrc_triton.tile_configs.CONFIGS` name) for each dtype on ``sm_<arch>``;
+    ValueError for a dtype outside :data:`DTYPES`."""
     prefix = _ARCH_PREFIX.get(arch, "generic")
-    jobs: list[Job] = []
+    names = []
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"dtypes must be among {DTYPES}; got {dtype!r}")
-        name = f"{prefix}-{_FAMILY[dtype]}"
+        names.append((dtype, f"{prefix}-{_FAMILY[dtype]}"))
+    return names
+
+
+def variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool = False) -> list[Job]:
+    """The compilation jobs: every shipped variant (what the launchers can produce, x dtypes),
+    or (``subset``) the representative ones of :func:`_in_subset`."""
+    jobs: list[Job] = []
+    for dtype, name in _config_names(arch, dtypes):
         configs = CONFIGS[name]
         bwd = configs.backward
 
@@ -204,12 +212,8 @@ def siglip_variants(arch: int = 90, dtypes: Sequence[str] = DTYPES, subset: bool
     """SigLIP's kernels (:mod:`csrc_triton.triton_siglip`) with the shipped configurations: the
     forward (row-statistics configuration), the "cols" backward variants and the "rows" kernel,
     per dtype (``subset``: bf16 only, the fused and deterministic forms at narrow and wide D)."""
-    prefix = _ARCH_PREFIX.get(arch, "generic")
     jobs: list[Job] = []
-    for dtype in dtypes:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtypes must be among {DTYPES}; got {dtype!r}")
-        name = f"{prefix}-{_FAMILY[dtype]}"
+    for dtype, name in _config_names(arch, dtypes):
         fwd, bwd = triton_siglip.siglip_configs(name)
         jobs.append(Job("siglip_forward", (), dtype,
                         (("BLOCK_M", fwd.block_m), ("BLOCK_N", fwd.block_n), ("BLOCK_D", fwd.block_d)),
