@@ -70,7 +70,8 @@ import torch  # noqa: E402
 
 from recipes.clip_setup import (ClipConfig, build_config, load_data, templates_of)  # noqa: E402
 from recipes.common import distributed as D
-from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
+from recipes.common.checkpoint import (restore_training, rng_state, save_checkpoint,
+                                       stop_if_diverged)
 from recipes.common.cli import add_resume_arguments, cli_main
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
@@ -398,9 +399,7 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
     from modalities.text.tokenizer import tokenize
 
     started = time.perf_counter()
-    device = D.resolve_device(config.device, info)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    device = D.resolve_device(config.device, info, threads=config.threads)
     resume = args.resume is not None
     out, log, checkpoint = open_run(config.out, info, resume=args.resume,
                                     overwrite=args.overwrite, quiet=args.quiet,
@@ -534,11 +533,7 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
                     "pairs_per_s": round(pairs_seen / elapsed, 1) if elapsed else None}
             if config.loss == "siglip" and getattr(model, "logit_bias", None) is not None:
                 last["logit_bias"] = float(model.logit_bias.detach())
-            if not math.isfinite(last["loss"]):
-                save(step)
-                raise FloatingPointError(f"loss={last['loss']} at step {done}: training "
-                                         "diverged (checkpoint of the step before saved); "
-                                         "expected a finite loss: lower --lr")
+            stop_if_diverged(last["loss"], done, save)
             if info.is_main:
                 metrics.write(last)
         bar.update(1, loss=last.get("loss", float("nan")))

@@ -150,9 +150,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) -> dict[str, Any]:
     started = time.perf_counter()
-    device = D.resolve_device(config.device, info)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    device = D.resolve_device(config.device, info, threads=config.threads)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet and info.is_main

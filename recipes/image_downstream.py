@@ -209,9 +209,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     info = D.DistInfo()
-    device = D.resolve_device(config.device, info)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    device = D.resolve_device(config.device, info, threads=config.threads)
     started = time.perf_counter()
 
     # ---- checkpoints and their configurations, checked before any data is read

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,8 @@ from typing import Any, Sequence
 import torch
 
 from recipes.common import distributed as D
-from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
+from recipes.common.checkpoint import (restore_training, rng_state, save_checkpoint,
+                                       stop_if_diverged)
 from recipes.common.cli import add_resume_arguments, cli_main
 from recipes.common.config import read_config_file
 from recipes.common.logging import MetricsLog, RunLog, format_table
@@ -249,9 +249,7 @@ def _loader(config: ImagePretrainConfig, data, method, info: D.DistInfo):
 def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.DistInfo,
              sweep_root: Path | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    device = D.resolve_device(config.device, info)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    device = D.resolve_device(config.device, info, threads=config.threads)
     out, log, checkpoint = open_run(config.out, info, resume=args.resume,
                                     overwrite=args.overwrite and sweep_root is None,
                                     quiet=args.quiet, config=config.to_dict(),
@@ -361,11 +359,7 @@ def pretrain(config: ImagePretrainConfig, args: argparse.Namespace, info: D.Dist
                     "loss": float(loss_all), "lr": lr,
                     "elapsed_s": round(time.perf_counter() - t_train, 2)}
             last.update({k: float(v) for k, v in stats.items()})
-            if not math.isfinite(last["loss"]):
-                save(step)
-                raise FloatingPointError(f"loss={last['loss']} at step {done}: training "
-                                         "diverged (checkpoint of the step before saved); "
-                                         "expected a finite loss: lower --lr")
+            stop_if_diverged(last["loss"], done, save)
             if info.is_main:
                 metrics.write(last)
         bar.update(1, loss=last.get("loss", float("nan")))

@@ -11,12 +11,13 @@ tuples, strings and numbers (configs as ``dataclasses.asdict``).
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -124,3 +125,17 @@ def restore_training(checkpoint: dict[str, Any], metrics: Any, main: bool, **sta
     if main:
         metrics.truncate_after(start)
     return start
+
+
+def stop_if_diverged(loss: float, done: int, save: Callable[[int], Any]) -> None:
+    """After step ``done`` (1-based) logged a non-finite ``loss``: save the checkpoint of the step
+    before (``save(done - 1)``, the last finite state) and raise ``FloatingPointError``; a
+    no-op for a finite loss.
+
+    Example:
+        >>> stop_if_diverged(float(loss), step + 1, save)
+    """
+    if not math.isfinite(loss):
+        save(done - 1)
+        raise FloatingPointError(f"loss={loss} at step {done}: training diverged (checkpoint of "
+                                 "the step before saved); expected a finite loss: lower --lr")

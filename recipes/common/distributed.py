@@ -43,13 +43,19 @@ def setup(device: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
-def resolve_device(device: str, info: DistInfo) -> torch.device:
+def resolve_device(device: str, info: DistInfo, threads: int = 0) -> torch.device:
+    """The ``torch.device`` of this process: 'auto' is 'cuda' where available, else 'cpu';
+    'cuda' under torchrun is this rank's GPU (``cuda:<local_rank>``). ``threads`` > 0 also sets
+    the CPU threads of this process (``torch.set_num_threads``). ``ValueError`` for CUDA on a
+    machine without it."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and info.enabled:
         device = f"cuda:{info.local_rank}"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: CUDA is not available on this machine; expected 'cpu'")
+    if threads:
+        torch.set_num_threads(threads)
     return torch.device(device)
 
 
