@@ -1,5 +1,6 @@
 """recipes.common: run folders are never clobbered silently; config files and differences;
-progress is plain lines off a terminal."""
+progress is plain lines off a terminal; the --resume loader, the divergence stop, the learning
+rate schedule, the setting checks and the command line's exit status."""
 from __future__ import annotations
 
 import json
@@ -82,3 +83,82 @@ def test_progress_off_a_terminal_writes_plain_lines(tmp_path, capsys):
     quiet = RunLog(tmp_path / "q.log", quiet=True)
     quiet.progress(4, "x", every=1).update(4)
     assert capsys.readouterr().out == ""
+
+
+def test_load_resume_names_every_changed_setting(tmp_path):
+    from recipes.common.checkpoint import load_resume, save_checkpoint
+
+    save_checkpoint({"step": 3, "config": {"lr": 0.001, "seed": 1, "threads": 2}},
+                    tmp_path / "checkpoint.pt")
+    path, state = load_resume(tmp_path, "auto", "checkpoint.pt")     # no config: no check
+    assert path == tmp_path / "checkpoint.pt" and state["step"] == 3
+    now = {"lr": 0.5, "seed": 1, "threads": 1}
+    with pytest.raises(ValueError, match=r"lr: 0\.001 in the checkpoint, 0\.5 now\)") as err:
+        load_resume(tmp_path, "auto", "checkpoint.pt", config=now, ignore=("threads",))
+    assert "threads" not in str(err.value) and "--override-config" in str(err.value)
+    _, state = load_resume(tmp_path, str(tmp_path / "checkpoint.pt"), "other.pt", config=now,
+                           ignore=("threads",), override=True)
+    assert state["step"] == 3
+    with pytest.raises(FileNotFoundError, match="other.pt"):
+        load_resume(tmp_path, "auto", "other.pt")
+
+
+def test_stop_if_diverged_saves_the_step_before(tmp_path):
+    from recipes.common.checkpoint import stop_if_diverged
+
+    saved: list[int] = []
+    stop_if_diverged(0.5, 7, saved.append)
+    assert saved == []
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match="at step 7: training diverged"):
+            stop_if_diverged(bad, 7, saved.append)
+    assert saved == [6, 6]
+
+
+def test_warmup_cosine_schedule():
+    import math
+
+    from recipes.common.schedule import lr_at
+
+    assert lr_at(0, 100, 10, 2.0) == pytest.approx(0.2)          # (s + 1) / warmup
+    assert lr_at(9, 100, 10, 2.0) == pytest.approx(2.0)
+    assert lr_at(10, 100, 10, 2.0) == pytest.approx(2.0)         # cosine starts at the peak
+    assert lr_at(55, 100, 10, 2.0) == pytest.approx(1.0)         # half way: cos(pi/2) = 0
+    assert lr_at(100, 100, 10, 2.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(500, 100, 10, 2.0) == pytest.approx(0.0, abs=1e-12)  # past the end: stays 0
+    assert lr_at(25, 100, 0, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+@pytest.mark.parametrize("check, value, zero, expected", [
+    ("int", 0, False, "x=0: expected a positive integer"),
+    ("int", -1, True, "x=-1: expected a non-negative integer"),
+    ("int", True, False, "x=True: expected a positive integer"),
+    ("int", 1.0, False, "x=1.0: expected a positive integer"),
+    ("number", 0.0, False, "x=0.0: expected a positive finite number"),
+    ("number", float("nan"), True, "x=nan: expected a non-negative finite number"),
+    ("number", "1", False, "x='1': expected a positive finite number"),
+])
+def test_setting_checks_name_the_value(check, value, zero, expected):
+    from recipes.common.config import check_int, check_number
+
+    fn = check_int if check == "int" else check_number
+    with pytest.raises(ValueError) as err:
+        fn("x", value, zero=zero)
+    assert str(err.value) == expected
+    fn("x", 0 if zero else 1, zero=zero)            # the boundary passes
+
+
+def test_cli_main_turns_usage_errors_into_status_2(capsys):
+    from recipes.common.cli import cli_main
+
+    def run(argv):
+        if argv == ["bad"]:
+            raise ValueError("--x=1: expected 2")
+        if argv == ["bug"]:
+            raise KeyError("k")
+
+    assert cli_main(run, ["ok"]) == 0
+    assert cli_main(run, ["bad"]) == 2
+    assert capsys.readouterr().err == "error: --x=1: expected 2\n"
+    with pytest.raises(KeyError):
+        cli_main(run, ["bug"])
