@@ -490,12 +490,11 @@ def train(config: ClipConfig, args: argparse.Namespace, info: D.DistInfo) -> dic
     pairs_seen = 0
     last: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
-    first_eval: dict[str, Any] = {}
     stopped_by_time = False
     train_ids, train_mask = tokens["train"]
     images_u8 = data.train.images
     if start == 0 and info.is_main:
-        first_eval = last_eval = evaluator.monitor(model, 0)
+        last_eval = evaluator.monitor(model, 0)
         metrics.write(last_eval)
     step = start
     for step in range(start, end):
