@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modalities.audio import Utterance, holdout_split, read_alignments, read_manifest, scan_librispeech
+from modalities.audio import (Utterance, holdout_split, read_alignments, read_id_list, read_manifest,
+                              scan_librispeech)
 
 
 def test_csv_manifest_relative_paths_and_labels(tmp_path: Path) -> None:
@@ -59,9 +60,71 @@ def test_manifest_errors_name_file_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"missing_key.jsonl, line 1: no 'path' key"):
         read_manifest(missing_key)
     duplicate = tmp_path / "dup.csv"
-    duplicate.write_text("path\nx/a.wav\ny/a.wav\n")
-    with pytest.raises(ValueError, match=r"dup.csv, line 3: column 'id' value 'a' repeats line 2"):
+    duplicate.write_text("path,id\nx/a.wav,u1\ny/a.wav,u1\n")
+    with pytest.raises(ValueError, match=r"dup.csv, line 3: column 'id' value 'u1' repeats line 2"):
         read_manifest(duplicate)
+    same_file = tmp_path / "same_file.csv"  # the same file twice: stems repeat, so do the paths
+    same_file.write_text("path\nx/a.wav\nb.wav\nx/../x/a.wav\n")
+    with pytest.raises(ValueError, match=r"same_file.csv, line 4: id 'x/a.wav' \(the relative path; "
+                       r"no 'id' column value\) repeats line 2"):
+        read_manifest(same_file)
+
+
+def _speech_commands_tree(root: Path) -> list[str]:
+    """A Speech Commands-style tree: <word>/<speaker>_nohash_<n>.wav, names reused across words."""
+    rel = []
+    for word in ("yes", "no", "_background_noise_"):
+        for name in ("0a7c2a8d_nohash_0.wav", "0a7c2a8d_nohash_1.wav", "bd76a7fd_nohash_0.wav"):
+            if word == "_background_noise_" and name != "bd76a7fd_nohash_0.wav":
+                continue
+            (root / word).mkdir(parents=True, exist_ok=True)
+            (root / word / name).write_bytes(b"")
+            rel.append(f"{word}/{name}")
+    (root / "testing_list.txt").write_text("no/0a7c2a8d_nohash_1.wav\nyes/bd76a7fd_nohash_0.wav\n")
+    return rel
+
+
+def test_speech_commands_layout_gets_relative_path_ids(tmp_path: Path) -> None:
+    rel = _speech_commands_tree(tmp_path / "sc")
+    manifest = tmp_path / "sc" / "manifest.csv"
+    manifest.write_text("path,speaker,word\n" + "".join(f"{p},{p.split('/')[1].split('_')[0]},{p.split('/')[0]}\n"
+                                                       for p in rel))
+    utts = read_manifest(manifest)
+    assert [u.id for u in utts] == rel  # unique although every stem occurs under several words
+    assert len({u.id for u in utts}) == len(rel) == 7
+    assert utts[1].path == (tmp_path / "sc" / "yes" / "0a7c2a8d_nohash_1.wav").resolve()
+    assert utts[3].labels == {"word": "no"} and utts[3].speaker == "0a7c2a8d"
+    # the corpus's own test list names utterances by these ids
+    test_ids = set(read_id_list(tmp_path / "sc" / "testing_list.txt"))
+    assert test_ids <= {u.id for u in utts} and len(test_ids) == 2
+    # absolute paths under the manifest's folder get the same ids; a "./" prefix changes nothing
+    abs_manifest = tmp_path / "sc" / "abs.jsonl"
+    abs_manifest.write_text("".join(json.dumps({"path": str(tmp_path / "sc" / p) if i % 2 else f"./{p}"}) + "\n"
+                                    for i, p in enumerate(rel)))
+    assert [u.id for u in read_manifest(abs_manifest)] == rel
+    # a manifest one level up: ids relative to *its* folder
+    up = tmp_path / "up.csv"
+    up.write_text("path\n" + "".join(f"sc/{p}\n" for p in rel))
+    assert [u.id for u in read_manifest(up)] == [f"sc/{p}" for p in rel]
+    # an explicit id column still wins, row by row; the other rows take relative paths
+    mixed = tmp_path / "sc" / "mixed.csv"
+    mixed.write_text("path,id\n" + "".join(f"{p},{'first' if i == 0 else ''}\n" for i, p in enumerate(rel)))
+    assert [u.id for u in read_manifest(mixed)] == ["first"] + rel[1:]
+
+
+def test_unique_stems_keep_stem_ids(tmp_path: Path) -> None:
+    # LibriSpeech-style nested paths: stems unique, ids unchanged from before (alignment files
+    # and the CPC paper's split lists name utterances by stem)
+    manifest = tmp_path / "libri.csv"
+    manifest.write_text("path\n19/198/19-198-0001.flac\n103/1240/103-1240-0000.flac\n")
+    assert [u.id for u in read_manifest(manifest)] == ["19-198-0001", "103-1240-0000"]
+    # one repeated stem switches the whole manifest to relative paths
+    manifest.write_text("path\n19/198/19-198-0001.flac\n103/1240/103-1240-0000.flac\nextra/19-198-0001.wav\n")
+    assert [u.id for u in read_manifest(manifest)] == ["19/198/19-198-0001.flac", "103/1240/103-1240-0000.flac",
+                                                         "extra/19-198-0001.wav"]
+    # rows with an id column value do not count towards the stem check
+    manifest.write_text("path,id\n19/198/19-198-0001.flac,\nextra/19-198-0001.wav,other\n")
+    assert [u.id for u in read_manifest(manifest)] == ["19-198-0001", "other"]
 
 
 def test_scan_librispeech(tmp_path: Path) -> None:

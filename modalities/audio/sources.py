@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -33,7 +34,8 @@ class Utterance:
 
     Attributes:
         id: unique name; LibriSpeech: the file stem ("19-198-0001"); manifest: the `id` column,
-            else the path's stem.
+            else the path's stem when the stems are unique, else the path relative to the
+            manifest's folder (see `read_manifest`).
         path: absolute path of the audio file.
         speaker: speaker name, or None when unknown.
         split: "train", "test", or None when the source does not say.
@@ -117,8 +119,23 @@ def _utterance_from_row(row: dict[str, Any], manifest: Path, line: int) -> Utter
         value = text(key)
         if value is not None:
             labels[str(key)] = value
-    return Utterance(id=text("id") or path.stem, path=path, speaker=text("speaker"),
+    # id "" = no id given (a given id is never empty: empty cells read as None); read_manifest
+    # fills it in once it has seen every row
+    return Utterance(id=text("id") or "", path=path, speaker=text("speaker"),
                      split=split, labels=labels)
+
+
+def _relative_id(path: Path, folder: Path) -> str:
+    """The path relative to `folder`, "/"-separated, suffix kept ("right/0a7c2a8d_nohash_0.wav").
+
+    Computed on the lexically normalised path (symlinks not followed), so a manifest of links
+    still gets the names it lists; a path outside `folder` keeps its absolute form.
+    """
+    normal = Path(os.path.normpath(folder / path))  # `path` absolute: folder / path == path
+    try:
+        return normal.relative_to(os.path.normpath(folder)).as_posix()
+    except ValueError:
+        return normal.as_posix()
 
 
 def _read_rows(manifest: Path) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -168,9 +185,23 @@ def _read_rows(manifest: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 def read_manifest(path: str | PathLike) -> list[Utterance]:
     """Read a manifest of audio files: CSV with a header, or JSON lines (`.jsonl`, `.json`).
 
-    Columns: `path` (required; absolute, or relative to the manifest's folder), optional `id`
-    (default: the path's stem), `speaker`, `split` ("train" / "test" / empty); every other column
-    becomes an utterance-level label (string). Empty cells mean "unknown".
+    Columns: `path` (required; absolute, or relative to the manifest's folder), optional `id`,
+    `speaker`, `split` ("train" / "test" / empty); every other column becomes an utterance-level
+    label (string). Empty cells mean "unknown".
+
+    Ids of rows with no `id`: the path's stem ("19-198-0001") when no two such rows share a
+    stem, so LibriSpeech-style names, alignment files and split lists keep working; otherwise,
+    for every such row, the path relative to the manifest's folder, "/"-separated with its
+    suffix ("right/0a7c2a8d_nohash_0.wav": the form of Speech Commands' `testing_list.txt`,
+    so that list can serve as a split file). Absolute paths outside the manifest's folder keep
+    their absolute form. The choice is made for the whole manifest: adding one file whose stem
+    repeats another switches all stem ids to relative paths (give an `id` column to pin them).
+
+    Example (Speech Commands, manifest at the dataset root)::
+
+        path,speaker
+        right/0a7c2a8d_nohash_0.wav,0a7c2a8d
+        left/0a7c2a8d_nohash_0.wav,0a7c2a8d      -> ids "right/0a7c2a8d_nohash_0.wav", ...
 
     Returns:
         Utterances in file order.
@@ -182,17 +213,32 @@ def read_manifest(path: str | PathLike) -> list[Utterance]:
     manifest = Path(path).expanduser().resolve()
     if not manifest.is_file():
         raise ValueError(f"read_manifest: path='{manifest}' is not a file; expected a CSV or JSON lines manifest")
-    utts: list[Utterance] = []
-    first_line: dict[str, int] = {}
+    rows: list[tuple[int, Utterance, str]] = []  # (line, utterance, path as written)
     for line, row in _read_rows(manifest):
         utt = _utterance_from_row(row, manifest, line)
+        rows.append((line, utt, str(row.get("path")).strip()))
+    if not rows:
+        raise ValueError(f"{manifest}: the manifest lists no utterances")
+    # Rows without an id: the stem when no two such rows share one (LibriSpeech, the generated
+    # corpus: ids as before), else the relative path for all of them (Speech Commands reuses
+    # "<speaker>_nohash_<n>.wav" under every word folder).
+    stems = [u.path.stem for _, u, _ in rows if u.id == ""]
+    by_stem = len(set(stems)) == len(stems)
+    utts: list[Utterance] = []
+    first_line: dict[str, int] = {}
+    for line, utt, written in rows:
+        if utt.id == "":
+            new_id = utt.path.stem if by_stem else _relative_id(Path(written).expanduser(), manifest.parent)
+            utt = replace(utt, id=new_id)
+            how = "the path stem" if by_stem else "the relative path"
+            what = f"id {utt.id!r} ({how}; no 'id' column value)"
+        else:
+            what = f"column 'id' value {utt.id!r}"
         if utt.id in first_line:
-            raise ValueError(f"{manifest}, line {line}: column 'id' value {utt.id!r} repeats line "
-                             f"{first_line[utt.id]}; ids (or path stems) must be unique")
+            raise ValueError(f"{manifest}, line {line}: {what} repeats line {first_line[utt.id]}; "
+                             "ids must be unique (the same file listed twice?)")
         first_line[utt.id] = line
         utts.append(utt)
-    if not utts:
-        raise ValueError(f"{manifest}: the manifest lists no utterances")
     return utts
 
 
