@@ -1,4 +1,5 @@
 """The generated speech corpus: deterministic, idempotent, consistent labels."""
+import dataclasses
 import filecmp
 import json
 from pathlib import Path
@@ -6,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from modalities.audio import (FRAME_HOP, SAMPLE_RATE, generate_corpus, load_audio, read_alignments,
-                              read_manifest, read_phone_set)
+import modalities.audio.corpus as corpus_module
+from modalities.audio import (CORPUS_VERSION, FRAME_HOP, SAMPLE_RATE, corpus_cache_dir, corpus_key,
+                              corpus_version, generate_corpus, load_audio, read_alignments, read_manifest,
+                              read_phone_set)
 
 SMALL = dict(n_speakers=3, utterances_per_speaker=4, seconds=(1.0, 1.5), n_phones=8, seed=3, progress=False)
 
@@ -79,3 +82,61 @@ def test_different_speakers_differ_in_pitch(corpus: Path) -> None:
     assert f0["spk00"] > 160 > f0["spk01"]  # female, male
     assert len({round(s["formant_scale"], 3) for s in info["speakers"]}) == 3
     assert torch.tensor(list(f0.values())).std() > 10
+
+
+def test_version_is_a_content_hash_of_the_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert corpus_version() == CORPUS_VERSION == corpus_version()  # stable within a process
+    assert CORPUS_VERSION.startswith(f"{corpus_module._REVISION}-") and len(CORPUS_VERSION.split("-")[1]) == 12
+    versions = {CORPUS_VERSION}
+    with monkeypatch.context() as m:  # one vowel's formants
+        aa = corpus_module.PHONES[1]
+        changed = dataclasses.replace(aa, formants=(740.0, *aa.formants[1:]))
+        m.setattr(corpus_module, "PHONES", (corpus_module.PHONES[0], changed, *corpus_module.PHONES[2:]))
+        versions.add(corpus_version())
+    with monkeypatch.context() as m:  # the synthesis code
+        m.setattr(corpus_module, "_reverberate", lambda wave, rng: wave)
+        versions.add(corpus_version())
+    with monkeypatch.context() as m:  # a synthesis constant
+        m.setattr(corpus_module, "_HOP", 64)
+        versions.add(corpus_version())
+    with monkeypatch.context() as m:
+        m.setattr(corpus_module, "_REVISION", 99)
+        versions.add(corpus_version())
+    assert len(versions) == 5
+    assert corpus_version() == CORPUS_VERSION  # restored
+
+
+def test_cache_key_and_folder_follow_version_and_arguments(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    args = {k: v for k, v in SMALL.items() if k != "progress"}
+    folder = corpus_cache_dir(tmp_path, **args)
+    assert folder == corpus_cache_dir(tmp_path, **dict(args, seconds=[1, 1.5]))  # same values, same key
+    assert folder.parent == tmp_path and folder.name == f"synth-{corpus_key(**args)}"
+    others = {corpus_cache_dir(tmp_path, **dict(args, **change))
+              for change in ({"seed": 4}, {"n_phones": 9}, {"n_speakers": 2}, {"utterances_per_speaker": 5},
+                             {"seconds": (1.0, 1.6)})}
+    assert len(others) == 5 and folder not in others
+    with monkeypatch.context() as m:  # a changed generator: new version, new cache folder
+        m.setattr(corpus_module, "_REVISION", 99)
+        assert corpus_cache_dir(tmp_path, **args) != folder
+    with pytest.raises(ValueError, match="n_phones=99"):
+        corpus_key(n_phones=99)
+
+
+def test_stale_corpus_is_regenerated_not_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    params = dict(SMALL, n_speakers=1, utterances_per_speaker=2)
+    generate_corpus(tmp_path, **params)
+    info = json.loads((tmp_path / "corpus.json").read_text())
+    assert info["version"] == CORPUS_VERSION
+    assert info["key"] == corpus_key(**{k: v for k, v in params.items() if k != "progress"})
+    wav = sorted((tmp_path / "wav").iterdir())[0]
+    before = wav.read_bytes()
+    with monkeypatch.context() as m:  # the synthesis changes (one vowel's formants), same arguments
+        aa = corpus_module.PHONES[1]
+        moved = dataclasses.replace(aa, formants=(900.0, 1500.0, 2600.0))
+        m.setattr(corpus_module, "PHONES", (corpus_module.PHONES[0], moved, *corpus_module.PHONES[2:]))
+        new_version = corpus_version()
+        generate_corpus(tmp_path, **params)
+    info = json.loads((tmp_path / "corpus.json").read_text())
+    assert info["version"] == new_version != CORPUS_VERSION
+    assert wav.read_bytes() != before  # written anew by the changed generator

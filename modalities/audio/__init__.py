@@ -5,8 +5,8 @@ Framing convention shared by everything here: audio at `SAMPLE_RATE` (16 kHz), o
 frame-level label per `FRAME_HOP` (160) samples, i.e. per 10 ms; a waveform of T samples has
 T // 160 frames.
 """
-from .corpus import (CORPUS_VERSION, PHONES, Phone, SpeakerVoice, generate_corpus, read_phone_set,
-                     speaker_voice, synthesize_utterance)
+from .corpus import (CORPUS_VERSION, PHONES, Phone, SpeakerVoice, corpus_cache_dir, corpus_key,
+                     corpus_version, generate_corpus, read_phone_set, speaker_voice, synthesize_utterance)
 from .features import frame_hop, log_mel, mfcc
 from .io import FRAME_HOP, SAMPLE_RATE, AudioReadError, load_audio, resample
 from .sources import (SPLITS, Utterance, holdout_split, read_alignments, read_id_list, read_manifest,
@@ -17,6 +17,7 @@ __all__ = [
     "mfcc", "log_mel", "frame_hop",
     "Utterance", "SPLITS", "scan_librispeech", "read_manifest", "read_alignments", "read_id_list",
     "holdout_split",
-    "generate_corpus", "read_phone_set", "CORPUS_VERSION", "PHONES", "Phone", "SpeakerVoice",
+    "generate_corpus", "read_phone_set", "CORPUS_VERSION", "corpus_version", "corpus_key",
+    "corpus_cache_dir", "PHONES", "Phone", "SpeakerVoice",
     "speaker_voice", "synthesize_utterance",
 ]

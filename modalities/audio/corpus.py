@@ -26,11 +26,20 @@ Files written by `generate_corpus(out_dir)`:
                               frames = n_samples // 160; label i is the phone at the frame's
                               centre sample 160 * i + 80
     out_dir/phone_set.txt     one phone name per line; line k (from 0) is label k; "sil" is 0
-    out_dir/corpus.json       the parameters, the corpus version, the speakers' parameters
+    out_dir/corpus.json       the parameters, the corpus version and cache key, the speakers'
+                              parameters
+
+Versioning: `corpus_version()` (and `CORPUS_VERSION`, its value at import) is a content hash of
+everything the synthesis depends on besides the call's arguments (the phone inventory, the STFT
+constants, the source of every synthesis function); `corpus_key(...)` hashes it with the
+arguments, and `corpus_cache_dir(root, ...)` names a cache folder by that key. A corpus on disk
+whose recorded version differs from the running code's is regenerated, never reused.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import inspect
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -44,12 +53,11 @@ from tqdm.auto import tqdm
 from .io import FRAME_HOP, SAMPLE_RATE
 
 __all__ = [
-    "CORPUS_VERSION", "Phone", "PHONES", "SpeakerVoice", "generate_corpus", "read_phone_set",
-    "speaker_voice", "synthesize_utterance",
+    "CORPUS_VERSION", "Phone", "PHONES", "SpeakerVoice", "corpus_cache_dir", "corpus_key",
+    "corpus_version", "generate_corpus", "read_phone_set", "speaker_voice", "synthesize_utterance",
 ]
 
-CORPUS_VERSION = 1
-"""Bumped whenever the synthesis changes, so that an older corpus on disk is regenerated."""
+_REVISION = 2  # bump for a change of the synthesis that the hash in corpus_version() cannot see
 
 _N_FFT = 512  # 32 ms synthesis frames
 _HOP = 128  # 8 ms control rate for the spectral envelopes
@@ -445,6 +453,67 @@ def _check_params(n_speakers: int, utterances_per_speaker: int, seconds: tuple[f
     return lo, hi
 
 
+# Module-level names whose source text determines the corpus (looked up when hashing, so a
+# replaced function changes the version too).
+_SYNTHESIS_CODE = ("speaker_voice", "_phone_sequence", "_smooth", "_box", "_stft", "_istft", "_resonators",
+                   "_unit_power", "_reverberate", "synthesize_utterance", "_write_corpus")
+
+
+def corpus_version() -> str:
+    """Content hash of the generator: "<revision>-<12 hex digits>".
+
+    Hashes `_REVISION`, the phone inventory `PHONES`, the synthesis constants (sample rate, frame
+    hop, STFT size and hop) and the source text of every synthesis function (`_SYNTHESIS_CODE`),
+    as they are when called: any change of them (a formant, a duration range, a line of the
+    synthesis, even a comment in it) gives a new version. Without source (a frozen install) the
+    functions are hashed by name only and `_REVISION` must be bumped by hand.
+
+    Example:
+        >>> corpus_version()  # doctest: +SKIP
+        '2-5d41402abc4b'
+    """
+    module = globals()
+    code = []
+    for name in _SYNTHESIS_CODE:
+        try:
+            code.append(inspect.getsource(module[name]))
+        except (OSError, TypeError):
+            code.append(name)
+    blob = json.dumps({"revision": _REVISION, "phones": [asdict(p) for p in PHONES],
+                       "constants": [SAMPLE_RATE, FRAME_HOP, _N_FFT, _HOP], "code": code}, sort_keys=True)
+    return f"{_REVISION}-{hashlib.sha1(blob.encode('utf-8')).hexdigest()[:12]}"
+
+
+def _params(n_speakers: int, utterances_per_speaker: int, seconds: tuple[float, float], n_phones: int,
+            seed: int) -> dict:
+    lo, hi = _check_params(n_speakers, utterances_per_speaker, seconds, n_phones, seed)
+    return dict(n_speakers=int(n_speakers), utterances_per_speaker=int(utterances_per_speaker),
+                seconds=[lo, hi], n_phones=int(n_phones), seed=int(seed))
+
+
+def corpus_key(*, n_speakers: int = 8, utterances_per_speaker: int = 24, seconds: tuple[float, float] = (2.0, 4.0),
+               n_phones: int = 16, seed: int = 0) -> str:
+    """Cache key of one generated corpus: 16 hex digits of sha1(generator version, arguments).
+
+    Same arguments as `generate_corpus` (checked the same way); two calls give the same key
+    exactly when they would write byte-identical corpora with the running code.
+    """
+    blob = json.dumps({"version": corpus_version(),
+                       "params": _params(n_speakers, utterances_per_speaker, seconds, n_phones, seed)},
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def corpus_cache_dir(cache_root: str | PathLike, **params) -> Path:
+    """The folder a corpus with these `generate_corpus` arguments is cached in: `cache_root/synth-<key>`.
+
+    Example:
+        >>> root = corpus_cache_dir("/tmp/cache", n_speakers=4, seed=1)
+        >>> manifest = generate_corpus(root, n_speakers=4, seed=1)  # doctest: +SKIP
+    """
+    return Path(cache_root).expanduser() / f"synth-{corpus_key(**params)}"
+
+
 def _is_complete(out_dir: Path, params: dict) -> bool:
     """Whether out_dir holds a finished corpus generated with exactly these parameters."""
     info_path = out_dir / "corpus.json"
@@ -452,7 +521,7 @@ def _is_complete(out_dir: Path, params: dict) -> bool:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    if info.get("version") != CORPUS_VERSION or info.get("params") != params:
+    if info.get("version") != corpus_version() or info.get("params") != params:
         return False
     manifest = out_dir / "manifest.csv"
     if not all((out_dir / name).is_file() for name in ("manifest.csv", "phones.txt", "phone_set.txt")):
@@ -480,15 +549,24 @@ def generate_corpus(out_dir: str | PathLike, *, n_speakers: int = 8, utterances_
 
     Returns:
         Path of `out_dir/manifest.csv`. If `out_dir/corpus.json` records the same parameters and
-        version and all files are there, nothing is regenerated.
+        the running generator's version (`corpus_version()`) and all files are there, nothing is
+        regenerated; otherwise the corpus is written anew. To keep corpora of several settings
+        side by side, pass `corpus_cache_dir(root, **arguments)` as `out_dir`.
     """
-    lo, hi = _check_params(n_speakers, utterances_per_speaker, seconds, n_phones, seed)
+    params = _params(n_speakers, utterances_per_speaker, seconds, n_phones, seed)
     out_dir = Path(out_dir).expanduser().resolve()
-    params = dict(n_speakers=int(n_speakers), utterances_per_speaker=int(utterances_per_speaker),
-                  seconds=[lo, hi], n_phones=int(n_phones), seed=int(seed))
     manifest_path = out_dir / "manifest.csv"
     if _is_complete(out_dir, params):
         return manifest_path
+    _write_corpus(out_dir, params, progress)
+    return manifest_path
+
+
+def _write_corpus(out_dir: Path, params: dict, progress: bool) -> None:
+    """Write every file of the corpus with checked `params` (see `generate_corpus`)."""
+    n_speakers, utterances_per_speaker = params["n_speakers"], params["utterances_per_speaker"]
+    (lo, hi), n_phones, seed = params["seconds"], params["n_phones"], params["seed"]
+    manifest_path = out_dir / "manifest.csv"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "corpus.json").unlink(missing_ok=True)  # marks the corpus incomplete until the end
@@ -519,8 +597,13 @@ def generate_corpus(out_dir: str | PathLike, *, n_speakers: int = 8, utterances_
     (out_dir / "phones.txt").write_text("\n".join(alignment_lines) + "\n", encoding="utf-8")
     (out_dir / "phone_set.txt").write_text("\n".join(p.name for p in PHONES[:n_phones]) + "\n",
                                            encoding="utf-8")
-    info = dict(version=CORPUS_VERSION, params=params, sample_rate=SAMPLE_RATE, frame_hop=FRAME_HOP,
+    info = dict(version=corpus_version(), key=corpus_key(**params), params=params,
+                sample_rate=SAMPLE_RATE, frame_hop=FRAME_HOP,
                 phone_set=[p.name for p in PHONES[:n_phones]],
                 speakers=[{k: v for k, v in asdict(v).items() if k != "accent"} for v in voices])
     (out_dir / "corpus.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return manifest_path
+
+
+# defined last, so that every function it hashes exists
+CORPUS_VERSION: str = corpus_version()
+"""The generator's version at import (see `corpus_version`); recorded in `corpus.json`."""
