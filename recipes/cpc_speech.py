@@ -29,7 +29,10 @@ so that R processes with batch B each compute the loss and the gradients of one 
 batch R x B. In one process ``global`` is ``batch``.
 
 Outputs in ``--out``: config.json (resolved), checkpoint.pt (atomic), metrics.jsonl,
-probes.json, training.png, probes.png, summary.json.
+train.log, probes.json, training.png, probes.png, summary.json. An ``--out`` that already holds
+a run is refused unless ``--resume`` (continue it; a changed configuration is refused, the
+differing fields named, unless ``--override-config``) or ``--overwrite`` (replace it). Progress
+is a bar on a terminal and one plain line per logging interval in a file or a pipe.
 """
 from __future__ import annotations
 
@@ -50,14 +53,20 @@ from cpc.data import (BadAudioError, SpeakerBalancedBatchSampler, WindowDataset,
 from cpc.model import CPCModel, count_parameters
 from recipes.common.evaluation import ProbeConfig, linear_probe
 from recipes.common import distributed as D
-from recipes.common.checkpoint import load_resume, restore_training, rng_state, save_checkpoint
-from recipes.common.cli import cli_main
-from recipes.common.logging import MetricsLog, format_table
+from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
+from recipes.common.cli import add_resume_arguments, cli_main
+from recipes.common.logging import MetricsLog, RunLog, format_table
 from recipes.common.plots import plot_probes, plot_training
-from recipes.common.rundir import write_config
+from recipes.common.rundir import open_run, write_config
 
 CHECKPOINT = "checkpoint.pt"
 FEATURE_KINDS = ("cpc", "mfcc", "random_init")
+# settings a resumed run may change without changing what training computes up to its stop:
+# the schedule does not depend on ``steps`` (see lr_at), and the probes run after training
+RESUMABLE = ("steps", "train_seconds", "device", "threads", "out", "log_every",
+             "checkpoint_every", "preset", "alignments", "probe_labels", "probe",
+             "probe_max_seconds", "probe_frames_per_utterance")
+BUILTIN_PROBES = ("phone", "speaker")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,16 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(multiple of 160; 20480 = 1.28 s in the paper). Shorter utterances are "
                    "zero-padded and masked.")
     p.add_argument("--device", help="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from a checkpoint (default: <out>/checkpoint.pt); on CPU with "
-                   "the same seed the losses equal those of an uninterrupted run.")
+    add_resume_arguments(p)
     p.add_argument("--config", help="YAML or JSON file with CPCSpeechConfig fields (nested "
                    "'model' and 'probe' mappings); flags given on the command line override it.")
     p.add_argument("--preset", choices=["auto", "paper", "cpu-quick"], help="base settings: "
                    "'paper' (Oord et al.), 'cpu-quick' (fits 10 min on 2 CPU cores), 'auto' "
                    "(paper on CUDA, cpu-quick on CPU; the default).")
     p.add_argument("--probe", help="comma-separated manifest label columns to probe at the "
-                   "utterance level, besides 'speaker' (e.g. 'gender,accent').")
+                   "utterance level (e.g. 'gender,accent'); 'speaker' (always probed when the "
+                   "utterances have speakers) and 'phone' (with alignments) are accepted too. "
+                   "Unknown labels are refused before any audio is read.")
     p.add_argument("--strict", action="store_true", default=None, help="make an unreadable "
                    "or empty audio file an error instead of a skipped file (with a warning).")
     p.add_argument("--seed", type=int, help="seed for initialisation, batches and probes.")
@@ -108,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "speaker).")
     p.add_argument("--lr", type=float, help="Adam learning rate.")
     p.add_argument("--no-probes", action="store_true", help="train only; skip the probes.")
-    p.add_argument("--quiet", action="store_true", help="no progress bars.")
+    p.add_argument("--quiet", action="store_true", help="no progress display (a bar on a "
+                   "terminal, otherwise one plain line per logging interval).")
     return p
 
 
@@ -125,9 +135,30 @@ def config_from_args(args: argparse.Namespace) -> CPCSpeechConfig:
     return build_config(file_values, overrides, cuda=torch.cuda.is_available())
 
 
-def _log(info: D.DistInfo, *parts: Any) -> None:
-    if info.is_main:
-        print(*parts, flush=True)
+def check_probe_labels(requested: Sequence[str], utts: Sequence, has_alignments: bool,
+                       source: str) -> list[str]:
+    """The ``--probe`` labels checked against what the utterances carry, before any audio is
+    decoded; returns the manifest label columns to probe (``speaker`` and ``phone`` are
+    built-in probes, run whenever their labels exist, so they are dropped from the list).
+
+    Raises ``ValueError`` naming every unknown label and the labels available (``speaker`` when
+    the utterances have speakers, ``phone`` with an alignment file, the manifest's columns).
+
+    Example:
+        >>> check_probe_labels(["speaker", "digit"], utts, False, "manifest m.csv")
+        ['digit']
+    """
+    columns = {k for u in utts for k in u.labels}
+    available = set(columns)
+    if any(u.speaker is not None for u in utts):
+        available.add("speaker")
+    if has_alignments:
+        available.add("phone")
+    unknown = [label for label in requested if label not in available]
+    if unknown:
+        raise ValueError(f"--probe {','.join(requested)}: unknown label(s) {unknown} in "
+                         f"{source}; expected labels from {sorted(available)}")
+    return [label for label in dict.fromkeys(requested) if label not in BUILTIN_PROBES]
 
 
 def lr_at(step: int, config: CPCSpeechConfig) -> float:
@@ -151,14 +182,23 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) -> dict[str, Any]:
     started = time.perf_counter()
     device = D.resolve_device(config.device, info, threads=config.threads)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = not args.quiet and info.is_main
+    if config.alignments and not Path(config.alignments).is_file():
+        raise ValueError(f"alignments={config.alignments!r}: no such file; expected a phone "
+                         "alignment file in the CPC paper's format")
+    # the run folder first: an existing run is refused (or resumed, or replaced) before the
+    # corpus is generated in it or any audio is read
+    out, log, checkpoint = open_run(config.out, info, resume=args.resume,
+                                    overwrite=args.overwrite, quiet=args.quiet,
+                                    config=config.to_dict(), resumable=RESUMABLE,
+                                    override_config=args.override_config, checkpoint=CHECKPOINT)
+    # tqdm bars inside the data helpers only on a terminal; in a file or a pipe the
+    # RunLog progress lines say the same
+    bars = info.is_main and not args.quiet and sys.stdout.isatty()
     auto = " (auto-selected for a CPU; --preset paper for the paper's settings)" \
         if config.preset == "cpu-quick" and args.preset is None else ""
-    _log(info, f"CPC speech run: preset '{config.preset}'{auto} on {device}"
-         + (f", {info.world_size} processes" if info.enabled else ""))
-    _log(info, json.dumps(config.to_dict(), indent=2))
+    log(f"CPC speech run: preset '{config.preset}'{auto} on {device}"
+        + (f", {info.world_size} processes" if info.enabled else ""))
+    log(json.dumps(config.to_dict(), indent=2))
     if info.is_main:
         write_config(out, config.to_dict())
 
@@ -168,7 +208,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         utts, phones_path, source = resolve_utterances(
             data=config.data, manifest=config.manifest, out=out,
             corpus_speakers=config.corpus_speakers, corpus_utterances=config.corpus_utterances,
-            corpus_seconds=config.corpus_seconds, seed=config.seed, progress=progress)
+            corpus_seconds=config.corpus_seconds, seed=config.seed, progress=bars)
     D.barrier(info)
     if not info.is_main:  # the corpus exists now; generating again is a cheap no-op
         utts, phones_path, source = resolve_utterances(
@@ -182,14 +222,16 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     from modalities.audio import holdout_split
 
     train_utts, test_utts = holdout_split(utts, test_fraction=0.2, seed=config.seed)
+    if not args.no_probes:  # every probe label known before any audio is decoded
+        check_probe_labels(config.probe_labels, train_utts, phones_path is not None, source)
     train_utts, train_waves, train_report = load_utterances(
-        train_utts, strict=config.strict, progress=progress)
+        train_utts, strict=config.strict, progress=bars)
     if not train_utts:
         raise ValueError(f"{source}: no readable training audio; expected at least one file")
     data_seconds = time.perf_counter() - t0
-    _log(info, f"data: {source}: {len(utts)} utterances, {len(train_utts)} train / "
-         f"{len(test_utts)} held out, {len(set(u.speaker for u in utts))} speakers "
-         f"({data_seconds:.1f}s)")
+    log(f"data: {source}: {len(utts)} utterances, {len(train_utts)} train / "
+        f"{len(test_utts)} held out, {len(set(u.speaker for u in utts))} speakers "
+        f"({data_seconds:.1f}s)")
 
     dataset = WindowDataset(train_waves, [u.speaker for u in train_utts], config.window)
     sampler = SpeakerBalancedBatchSampler([u.speaker for u in train_utts], config.batch_size,
@@ -204,20 +246,17 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     criterion = CPCCriterion(config.negatives, config.temperature, similarity=config.similarity,
                              process_group=torch.distributed.group.WORLD if info.enabled else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    _log(info, f"model: {count_parameters(model) / 1e6:.2f}M parameters; "
+    log(f"model: {count_parameters(model) / 1e6:.2f}M parameters; "
          f"{dataset.n_short} training utterances shorter than the window (padded, masked)")
 
     metrics = MetricsLog(out / "metrics.jsonl")
     start_step = 0
-    if args.resume is not None:
-        path, state = load_resume(out, args.resume, CHECKPOINT)
-        start_step = restore_training(state, metrics, info.is_main, model=model,
+    if checkpoint is not None:
+        start_step = restore_training(checkpoint, metrics, info.is_main, model=model,
                                       optimizer=optimizer, sampler=sampler)
-        initial_state = state["initial_model"]
-        _log(info, f"resumed from {path} at step {start_step}")
-    elif info.is_main and metrics.path.exists():
-        metrics.path.unlink()
-    else:
+        initial_state = checkpoint["initial_model"]
+        log(f"resumed at step {start_step}")
+    else:  # a new run: open_run made sure --out held no earlier run
         sampler.position = 0
 
     train_model = model
@@ -241,12 +280,8 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
     # ---- training
     t_train = time.perf_counter()
     model.train()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, initial=min(start_step, config.steps), desc="training",
-                   unit="step", dynamic_ncols=True)
+    bar = log.progress(config.steps, "training", initial=min(start_step, config.steps),
+                       every=config.log_every)
     last: dict[str, Any] = {}
     windows_seen = 0
     batches = iter(sampler)
@@ -255,8 +290,8 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         if config.train_seconds and D.time_is_up(t_train, config.train_seconds, info, device):
             stopped_early = True
             save(step)
-            _log(info, f"\ntraining time limit ({config.train_seconds:.0f}s) reached after "
-                 f"{step} steps")
+            log(f"training time limit ({config.train_seconds:.0f}s) reached after "
+                f"{step} steps")
             break
         indices = next(batches)
         batch = dataset.collate(indices, step, seed=config.seed, rank=info.rank)
@@ -285,14 +320,12 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
                     "elapsed_s": round(time.perf_counter() - t_train, 2)}
             if info.is_main:
                 metrics.write(last)
-        if bar is not None:
-            bar.update(1)
-            if last and logging:
-                bar.set_postfix(loss=f"{last['loss']:.3f}", acc1=last["step_accuracy"][0])
+        # the postfix of the last logged step (logging steps are multiples of log_every)
+        bar.update(1, **({"loss": last["loss"], "acc1": last["step_accuracy"][0]}
+                         if last else {}))
         if done % config.checkpoint_every == 0 or done == config.steps:
             save(done)
-    if bar is not None:
-        bar.close()
+    bar.close()
     train_seconds = time.perf_counter() - t_train
     D.barrier(info)
 
@@ -324,7 +357,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
             random_model.load_state_dict(initial_state)
             results, probe_skipped = run_probes(
                 config, model.eval(), random_model, train_utts, train_waves,
-                test_utts, phones_path, progress, device)
+                test_utts, phones_path, log, device)
             summary["skipped_files"] += len(probe_skipped)
             summary["skipped"] += probe_skipped
             summary["probe_seconds"] = round(time.perf_counter() - t_probe, 1)
@@ -342,7 +375,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
 @torch.no_grad()
 def _features(utts: Sequence, waves: Sequence[torch.Tensor], models: dict[str, CPCModel],
               frame_index: Sequence[torch.Tensor | None], max_samples: int,
-              device: torch.device, progress: bool
+              device: torch.device, log: RunLog | None = None, desc: str = "probe features"
               ) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]:
     """Per kind: (mean-pooled features (D,) per utterance, frame features at ``frame_index``
     per utterance, or None where the utterance has no frame labels). Only the selected frames
@@ -350,12 +383,9 @@ def _features(utts: Sequence, waves: Sequence[torch.Tensor], models: dict[str, C
     from modalities.audio import mfcc
 
     out = {k: ([], []) for k in FEATURE_KINDS}
-    iterator = range(len(utts))
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="probe features", unit="utt", leave=False)
-    for i in iterator:
+    # a bar on a terminal, plain lines in a file or pipe (log=None: silent)
+    bar = (log or RunLog(None, enabled=False)).progress(len(utts), desc, unit="utt")
+    for i in range(len(utts)):
         wave = waves[i][:max_samples] if max_samples else waves[i]
         for kind in FEATURE_KINDS:
             if kind == "mfcc":
@@ -365,6 +395,8 @@ def _features(utts: Sequence, waves: Sequence[torch.Tensor], models: dict[str, C
             out[kind][0].append(f.mean(0))
             idx = frame_index[i]
             out[kind][1].append(None if idx is None else f[idx.clamp(max=f.shape[0] - 1)])
+        bar.update(1)
+    bar.close()
     return out
 
 
@@ -389,10 +421,12 @@ def _frame_index(utts: Sequence, waves: Sequence[torch.Tensor], alignments, cap:
 
 def run_probes(config: CPCSpeechConfig, cpc_model: CPCModel, random_model: CPCModel,
                train_utts: Sequence, train_waves: Sequence[torch.Tensor], test_utts: Sequence,
-               phones_path: Path | None, progress: bool, device: torch.device | None = None
+               phones_path: Path | None, log: RunLog | None = None,
+               device: torch.device | None = None
                ) -> tuple[dict[str, dict[str, dict]], list]:
     """Linear probes on held-out utterances for every feature kind; returns
     ``{kind: {label: ProbeResult dict}}`` and the files skipped while reading test audio.
+    ``log`` (a :class:`recipes.common.logging.RunLog`) shows the feature extraction's progress.
 
     Feature kinds: ``cpc`` (the trained context network's output c_t, as in the paper),
     ``random_init`` (the same model with the exact weights training started from) and ``mfcc``
@@ -410,8 +444,10 @@ def run_probes(config: CPCSpeechConfig, cpc_model: CPCModel, random_model: CPCMo
     tr_idx = _frame_index(train_utts, train_waves, alignments, cap, max_samples, config.seed)
     te_idx = _frame_index(test_utts, test_waves, alignments, cap, max_samples, config.seed + 1)
     models = {"cpc": cpc_model.to(device).eval(), "random_init": random_model.to(device).eval()}
-    tr = _features(train_utts, train_waves, models, tr_idx, max_samples, device, progress)
-    te = _features(test_utts, test_waves, models, te_idx, max_samples, device, progress)
+    tr = _features(train_utts, train_waves, models, tr_idx, max_samples, device, log,
+                   "probe features (train)")
+    te = _features(test_utts, test_waves, models, te_idx, max_samples, device, log,
+                   "probe features (held out)")
     probe_cfg = ProbeConfig(**asdict(config.probe))
     results: dict[str, dict[str, dict]] = {k: {} for k in FEATURE_KINDS}
 
@@ -421,6 +457,8 @@ def run_probes(config: CPCSpeechConfig, cpc_model: CPCModel, random_model: CPCMo
     if any(u.speaker is not None for u in train_utts):
         tasks.append(("speaker", "utterance"))
     for label in config.probe_labels:
+        if label in BUILTIN_PROBES:  # probed above whenever its labels exist
+            continue
         if not any(label in u.labels for u in train_utts):
             raise ValueError(f"--probe {label!r}: no manifest column of that name; expected "
                              f"one of {sorted({k for u in train_utts for k in u.labels})}")

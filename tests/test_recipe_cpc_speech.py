@@ -4,6 +4,7 @@ global negatives) that end with the same parameters on both ranks."""
 import json
 import math
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -183,3 +184,94 @@ def test_two_process_gloo_ddp(tmp_path):
             assert torch.equal(value, ranks[0]["model"][name]), name
         losses = _losses(out)
         assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+# ---- runs that cannot be lost (issue 9)
+
+def test_existing_out_refused_without_resume_or_overwrite(tmp_path, capsys):
+    cfg, out = _config(tmp_path), tmp_path / "run"
+    base = ["--config", cfg, "--out", str(out), "--steps", "2", "--quiet", "--no-probes"]
+    run(base)
+    before = (out / "metrics.jsonl").read_text()
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and str(out) in err
+    assert (out / "metrics.jsonl").read_text() == before  # the earlier run is untouched
+    run(base[:-3] + ["3", "--quiet", "--no-probes", "--overwrite"])
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]
+
+
+def test_resume_with_a_changed_config_names_the_fields(tmp_path, capsys):
+    cfg, out = _config(tmp_path), tmp_path / "run"
+    base = ["--config", cfg, "--out", str(out), "--quiet", "--no-probes"]
+    run(base + ["--steps", "2"])
+    assert main(base + ["--steps", "3", "--resume", "--lr", "0.0005", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "lr: 0.001 in the checkpoint, 0.0005 now" in err and "seed: 0" in err
+    assert "--override-config" in err and "steps" not in err  # steps may change on resume
+    assert len(_losses(out)) == 2
+    run(base + ["--steps", "3", "--resume", "--lr", "0.0005", "--override-config"])
+    assert len(_losses(out)) == 3
+
+
+def test_progress_is_plain_lines_off_a_terminal(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(["--config", _config(tmp_path, log_every=2), "--out", str(out), "--steps", "4",
+         "--device", "cpu"])
+    text = capsys.readouterr()
+    assert "\r" not in text.out and "\r" not in text.err and "it/s" not in text.err
+    lines = text.out.splitlines()
+    training = [l for l in lines if re.match(r"training: \d+/\d+", l)]
+    assert [l.split()[1] for l in training] == ["2/4", "4/4"]  # one per logging interval
+    assert "loss=" in training[0]
+    assert any(l.startswith("probe features (train): ") for l in lines)
+    assert any(l.startswith("probe features (held out): ") for l in lines)
+    log = (out / "train.log").read_text()
+    assert "training: 4/4" in log and "\r" not in log
+
+
+def test_quiet_shows_no_progress(tmp_path, capsys):
+    run(["--config", _config(tmp_path), "--out", str(tmp_path / "run"), "--steps", "2",
+         "--quiet", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert not re.search(r"^training: \d+/", out, re.M) and "probe features" not in out
+    assert "linear probe accuracy" in out
+
+
+def _digit_manifest(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = ["path,speaker,digit,split"]
+    for i in range(12):
+        name = f"u{i}.wav"
+        sf.write(tmp_path / name, (0.1 * rng.standard_normal(8000)).astype("float32"), 16000)
+        rows.append(f"{name},s{i % 3},{['one', 'two'][i % 2]},{'test' if i >= 8 else 'train'}")
+    (tmp_path / "digits.csv").write_text("\n".join(rows) + "\n")
+    return str(tmp_path / "digits.csv")
+
+
+def test_probe_speaker_and_a_manifest_label(tmp_path):
+    out = tmp_path / "run"
+    run(["--config", _config(tmp_path), "--manifest", _digit_manifest(tmp_path), "--out",
+         str(out), "--steps", "2", "--quiet", "--device", "cpu", "--probe", "speaker,digit"])
+    probes = json.loads((out / "probes.json").read_text())
+    for kind in ("cpc", "mfcc", "random_init"):
+        assert set(probes[kind]) == {"speaker", "digit"}
+
+
+def test_unknown_probe_label_refused_before_any_audio_is_decoded(tmp_path, capsys, monkeypatch):
+    import recipes.cpc_speech as recipe
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("audio decoded before the --probe labels were checked")
+
+    monkeypatch.setattr(recipe, "load_utterances", no_decoding)
+    out = tmp_path / "run"
+    assert main(["--config", _config(tmp_path), "--manifest", _digit_manifest(tmp_path),
+                 "--out", str(out), "--steps", "2", "--quiet",
+                 "--probe", "speaker,colour,phone"]) == 2
+    err = capsys.readouterr().err
+    # phone needs an alignment file, which this manifest run has not
+    assert "['colour', 'phone']" in err and "['digit', 'speaker', 'split']" not in err
+    assert "'digit'" in err and "'speaker'" in err
+    assert not (out / "metrics.jsonl").exists()
