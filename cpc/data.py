@@ -1,5 +1,6 @@
-"""Training data for CPC: utterances loaded once, random fixed-size windows, padding masks
-for utterances shorter than a window, and a speaker-balanced batch sampler.
+"""Training data for CPC: utterances loaded once (or read from a ``cpc.store`` audio store),
+random fixed-size windows, padding masks for utterances shorter than a window, a
+speaker-balanced batch sampler and a background batch prefetcher.
 
 Every batch is a pure function of ``(seed, step, rank)``: the sampler draws the speakers, the
 utterances and the window offsets of step ``s`` from a generator seeded with those three
@@ -143,7 +144,12 @@ class WindowBatch:
 
 
 class WindowDataset:
-    """Random windows of ``window`` samples from in-memory waves.
+    """Random windows of ``window`` samples, from in-memory waves or from an audio store.
+
+    ``WindowDataset(waves, speakers, window)`` takes a list of float32 waves;
+    :meth:`from_store` reads from a :class:`cpc.store.AudioStore` instead, fetching only each
+    window's samples. Window starts are drawn from the lengths alone with the same generator
+    calls in both cases, so a run's batches do not depend on where the audio lives.
 
     A wave shorter than the window is used whole: zero-padded to the window, with its valid
     frame count in ``lengths`` so the criterion masks the padding (never dropped).
@@ -151,27 +157,57 @@ class WindowDataset:
 
     def __init__(self, waves: Sequence[torch.Tensor], speakers: Sequence[str | None],
                  window: int = 20480) -> None:
-        if window < FRAME_HOP or window % FRAME_HOP:
-            raise ValueError(f"window={window!r}: expected a positive multiple of {FRAME_HOP}")
         if len(waves) != len(speakers):
             raise ValueError(f"len(waves)={len(waves)} != len(speakers)={len(speakers)}")
-        self.waves = list(waves)
+        self.waves: list[torch.Tensor] | None = list(waves)
+        self.store = None
+        self.store_indices: list[int] | None = None
+        self._setup([int(w.numel()) for w in self.waves], speakers, window)
+
+    @classmethod
+    def from_store(cls, store, indices: Sequence[int], speakers: Sequence[str | None],
+                   window: int = 20480) -> "WindowDataset":
+        """A dataset over utterances ``indices`` of ``store`` (dataset item j = store utterance
+        ``indices[j]``, speaker ``speakers[j]``)."""
+        indices = [int(i) for i in indices]
+        if len(indices) != len(speakers):
+            raise ValueError(f"len(indices)={len(indices)} != len(speakers)={len(speakers)}")
+        bad = [i for i in indices if not 0 <= i < store.n]
+        if bad:
+            raise ValueError(f"indices: {bad[0]} out of range; expected positions in [0, {store.n})")
+        self = cls.__new__(cls)
+        self.waves = None
+        self.store = store
+        self.store_indices = indices
+        self._setup([int(store.lengths[i]) for i in indices], speakers, window)
+        return self
+
+    def _setup(self, lengths: list[int], speakers: Sequence[str | None], window: int) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < FRAME_HOP \
+                or window % FRAME_HOP:
+            raise ValueError(f"window={window!r}: expected a positive multiple of {FRAME_HOP}")
         self.window = window
+        self.lengths = lengths
         names = sorted({s if s is not None else "" for s in speakers})
         index = {n: i for i, n in enumerate(names)}
         self.speaker_ids = torch.tensor([index[s if s is not None else ""] for s in speakers],
                                         dtype=torch.long)
-        self.n_short = sum(1 for w in self.waves if w.numel() < window)
+        self.n_short = sum(1 for n in lengths if n < window)
 
     def __len__(self) -> int:
-        return len(self.waves)
+        return len(self.lengths)
+
+    def _samples(self, index: int, start: int, count: int) -> torch.Tensor:
+        if self.waves is not None:
+            return self.waves[index][start:start + count]
+        return self.store.read(self.store_indices[index], start, count)
 
     def window_at(self, index: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-        wave = self.waves[index]
-        n = wave.numel()
+        n = self.lengths[index]
         if n >= self.window:
             start = int(torch.randint(n - self.window + 1, (1,), generator=gen))
-            return wave[start:start + self.window], self.window // FRAME_HOP
+            return self._samples(index, start, self.window), self.window // FRAME_HOP
+        wave = self._samples(index, 0, n)
         out = torch.zeros(self.window, dtype=wave.dtype)
         out[:n] = wave
         return out, n // FRAME_HOP
@@ -189,6 +225,107 @@ class WindowDataset:
             speakers=self.speaker_ids[indices],
             indices=list(indices),
         )
+
+
+class BatchPrefetcher:
+    """Batches built ``depth`` steps ahead in a background thread.
+
+    Iterating yields ``(step, WindowBatch)`` for steps ``sampler.position``,
+    ``sampler.position + 1``, ... with exactly the batches
+    ``dataset.collate(sampler.batch(step), step, seed=seed, rank=rank)`` built inline; after each
+    yield ``sampler.position`` is ``step + 1`` (so a checkpoint saves the consumer's position,
+    not the thread's). Reads by ``os.pread`` and tensor copies release the GIL, so the thread
+    overlaps the training step. An exception in the thread is re-raised in the consumer.
+    ``close()`` (or leaving a ``with`` block) stops the thread.
+
+    Example::
+
+        with BatchPrefetcher(dataset, sampler, seed=0, rank=0) as batches:
+            for step, batch in batches:
+                ...
+    """
+
+    def __init__(self, dataset: WindowDataset, sampler: SpeakerBalancedBatchSampler, *,
+                 seed: int, rank: int, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth={depth!r}: expected a positive integer")
+        self.dataset, self.sampler = dataset, sampler
+        self.seed, self.rank, self.depth = seed, rank, depth
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._start = int(sampler.position)
+        self._thread = threading.Thread(target=self._work, name="cpc-batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        step = self._start
+        try:
+            while not self._stop.is_set():
+                batch = self.dataset.collate(self.sampler.batch(step), step,
+                                             seed=self.seed, rank=self.rank)
+                if not self._put((step, batch, None)):
+                    return
+                step += 1
+        except BaseException as err:  # handed to the consumer
+            self._put((step, None, err))
+
+    def __iter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __next__(self) -> tuple[int, WindowBatch]:
+        import queue
+
+        while True:
+            if self._stop.is_set():
+                raise StopIteration
+            try:
+                step, batch, err = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("batch prefetch thread ended without a batch") from None
+        if err is not None:
+            self.close()
+            raise err
+        self.sampler.position = step + 1
+        return step, batch
+
+    def close(self) -> None:
+        import queue
+
+        self._stop.set()
+        while True:  # unblock a put waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def resolve_utterances(*, data: str | Path | None, manifest: str | Path | None,

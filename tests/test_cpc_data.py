@@ -86,3 +86,102 @@ def test_bad_files_skipped_with_warning_or_strict_error(tmp_path):
     assert report.loaded == 1 and report.n_skipped == 3
     with pytest.raises(BadAudioError, match="empty.wav"):
         load_utterances(utts, strict=True)
+
+
+def _store_with(tmp_path, waves_i16):
+    from cpc.store import prepare_store
+
+    utts = []
+    for i, q in enumerate(waves_i16):
+        path = tmp_path / f"w{i}.wav"
+        sf.write(path, q, 16000, subtype="PCM_16")
+        utts.append(_utt(path, i))
+    prepare_store(utts, tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_list_ram_store_and_pread_store_give_identical_batches(tmp_path):
+    from cpc.store import AudioStore
+
+    rng = np.random.default_rng(1)
+    lengths = [5000, 1000, 3333, 9000, 1600, 200]  # long, short (padded) and exact-window waves
+    q = [rng.integers(-32768, 32768, n).astype(np.int16) for n in lengths]
+    folder = _store_with(tmp_path, q)
+    speakers = ["a", "b", "a", "c", "b", None]
+    chosen = [5, 0, 3, 1, 4]  # a shard: dataset item j is store utterance chosen[j]
+    waves = [torch.from_numpy(q[i].astype(np.float32) / 32768) for i in chosen]
+    spk = [speakers[i] for i in chosen]
+    in_list = WindowDataset(waves, spk, window=1600)
+    ram = AudioStore(folder, indices=chosen)
+    disk = AudioStore(folder, indices=chosen, max_bytes_in_memory=0)
+    assert ram.in_memory and not disk.in_memory
+    datasets = [in_list, WindowDataset.from_store(ram, chosen, spk, window=1600),
+                WindowDataset.from_store(disk, chosen, spk, window=1600)]
+    assert [d.n_short for d in datasets] == [2, 2, 2]
+    sampler = SpeakerBalancedBatchSampler(spk, batch_size=6, speakers_per_batch=2, seed=4)
+    for step in range(6):
+        idx = sampler.batch(step)
+        a, b, c = (d.collate(idx, step, seed=4, rank=1) for d in datasets)
+        for other in (b, c):
+            assert torch.equal(a.wave, other.wave) and torch.equal(a.lengths, other.lengths)
+            assert torch.equal(a.speakers, other.speakers) and a.indices == other.indices
+        # the windows are slices of the true samples (independent check of the store path)
+        for row, j in enumerate(idx):
+            full = q[chosen[j]].astype(np.float32) / 32768
+            n = min(len(full), 1600)
+            got = c.wave[row].numpy()
+            assert (got[n:] == 0).all()
+            starts = [s for s in range(len(full) - n + 1) if np.array_equal(full[s:s + n], got[:n])]
+            assert starts, (step, row)
+
+
+def test_from_store_validation(tmp_path):
+    from cpc.store import AudioStore
+
+    folder = _store_with(tmp_path, [np.zeros(2000, np.int16) + 3])
+    store = AudioStore(folder)
+    with pytest.raises(ValueError, match="len\\(indices\\)=1 != len\\(speakers\\)=2"):
+        WindowDataset.from_store(store, [0], ["a", "b"], window=1600)
+    with pytest.raises(ValueError, match="indices: 4 out of range"):
+        WindowDataset.from_store(store, [4], ["a"], window=1600)
+    with pytest.raises(ValueError, match="window=100"):
+        WindowDataset.from_store(store, [0], ["a"], window=100)
+
+
+def test_prefetcher_yields_the_inline_batches_and_tracks_position():
+    from cpc.data import BatchPrefetcher
+
+    gen = torch.Generator().manual_seed(0)
+    waves = [torch.randn(int(n), generator=gen) for n in (4000, 900, 7000, 2500)]
+    spk = ["a", "b", "b", "c"]
+    ds = WindowDataset(waves, spk, window=1600)
+    sampler = SpeakerBalancedBatchSampler(spk, 4, 2, seed=9, rank=2)
+    sampler.position = 3
+    with BatchPrefetcher(ds, sampler, seed=9, rank=2, depth=2) as pre:
+        got = [next(pre) for _ in range(5)]
+        assert sampler.position == 8
+    assert [s for s, _ in got] == [3, 4, 5, 6, 7]
+    for step, batch in got:
+        ref = ds.collate(sampler.batch(step), step, seed=9, rank=2)
+        assert torch.equal(batch.wave, ref.wave) and batch.indices == ref.indices
+        assert torch.equal(batch.lengths, ref.lengths)
+    assert not pre._thread.is_alive()
+    with pytest.raises(ValueError, match="depth=0"):
+        BatchPrefetcher(ds, sampler, seed=0, rank=0, depth=0)
+
+
+def test_prefetcher_reraises_errors_from_its_thread():
+    from cpc.data import BatchPrefetcher
+
+    class Broken(WindowDataset):
+        def collate(self, indices, step, seed=0, rank=0):
+            if step == 1:
+                raise OSError("disk gone")
+            return super().collate(indices, step, seed, rank)
+
+    ds = Broken([torch.zeros(3200)], ["a"], window=1600)
+    pre = BatchPrefetcher(ds, SpeakerBalancedBatchSampler(["a"], 2), seed=0, rank=0)
+    assert next(pre)[0] == 0
+    with pytest.raises(OSError, match="disk gone"):
+        next(pre)
+    pre.close()
