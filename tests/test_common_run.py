@@ -4,6 +4,7 @@ rate schedule, the setting checks and the command line's exit status."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,57 @@ def test_cli_main_turns_usage_errors_into_status_2(capsys):
     assert capsys.readouterr().err == "error: --x=1: expected 2\n"
     with pytest.raises(KeyError):
         cli_main(run, ["bug"])
+
+
+# ---- resume when the ranks do not share a filesystem (two gloo processes)
+
+
+def _open_run_worker(rank: int, port: int, folders: list[str], result: str, changed: bool) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from recipes.common import distributed as D
+    from recipes.common.rundir import open_run
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = D.setup("cpu")
+    try:
+        # the same path on both ranks, different disks: each rank gets its own folder here
+        config = {"lr": 0.2 if changed else 0.1, "steps": 9}
+        try:
+            _, _, state = open_run(folders[rank], info, resume="auto", overwrite=False, quiet=True,
+                                   config=config, resumable=("steps",), override_config=False)
+            outcome = {"step": state["step"], "weights": state["weights"]}
+        except ValueError as err:
+            outcome = {"error": str(err)}
+        Path(result.format(rank=rank)).write_text(json.dumps(outcome))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("changed", [False, True], ids=["same-config", "changed-config"])
+def test_resume_broadcasts_rank0_checkpoint_to_ranks_without_it(tmp_path, changed):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from recipes.common.checkpoint import save_checkpoint
+
+    rank0, rank1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    rank0.mkdir(parents=True)
+    (rank0 / "config.json").write_text("{}")
+    save_checkpoint({"step": 7, "config": {"lr": 0.1, "steps": 5}, "weights": [1.5, -2.0],
+                     "rng": None}, rank0 / "checkpoint.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = str(tmp_path / "rank{rank}.json")
+    mp.spawn(_open_run_worker, args=(port, [str(rank0), str(rank1)], result, changed), nprocs=2)
+    outcomes = [json.loads(Path(result.format(rank=r)).read_text()) for r in range(2)]
+    if changed:  # rank 0 refuses the changed lr; rank 1 raises the same error instead of hanging
+        assert "lr" in outcomes[0]["error"] and outcomes[0] == outcomes[1]
+    else:  # rank 1 never saw the checkpoint file, yet resumes from rank 0's state
+        assert not (rank1 / "checkpoint.pt").exists() and rank1.is_dir()
+        assert outcomes == [{"step": 7, "weights": [1.5, -2.0]}] * 2

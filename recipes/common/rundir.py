@@ -68,23 +68,48 @@ def open_run(out: str | os.PathLike, info: D.DistInfo, *, resume: str | None, ov
              quiet: bool, config: dict[str, Any], resumable: tuple[str, ...],
              override_config: bool, checkpoint: str = "checkpoint.pt"
              ) -> tuple[Path, RunLog, dict | None]:
-    """A training run's start: ``out`` checked and made ready (:func:`prepare_run_dir`, on rank
-    0; every rank waits for it), the run's log ``out/train.log`` (printing on rank 0 only), and
-    with ``--resume`` (``resume`` not None) the checkpoint to continue from, its saved
-    configuration checked against ``config`` except the ``resumable`` settings
-    (:func:`recipes.common.checkpoint.load_resume`). Returns ``(out, log, checkpoint or None)``.
+    """A training run's start: ``out`` checked and made ready (:func:`prepare_run_dir`), the
+    run's log ``out/train.log`` (printing on rank 0 only), and with ``--resume`` (``resume`` not
+    None) the checkpoint to continue from, its saved configuration checked against ``config``
+    except the ``resumable`` settings (:func:`recipes.common.checkpoint.load_resume`). Returns
+    ``(out, log, checkpoint or None)``.
+
+    Under torchrun only rank 0 looks at ``out`` and reads the checkpoint; the outcome (the
+    checkpoint, or the error every rank then raises) is broadcast to the other ranks, so they
+    need not see rank 0's filesystem: checkpoints are written by rank 0 alone, and a resumed
+    run works when the ranks do not share ``out``. The other ranks create ``out`` locally for
+    what they write themselves (nothing, unless a recipe says so).
 
     Example:
         >>> out, log, state = open_run(cfg.out, info, resume=args.resume, overwrite=False,
         ...                            quiet=False, config=cfg.to_dict(), resumable=("threads",),
         ...                            override_config=False)
     """
-    out = prepare_run_dir(out, resume=resume is not None, overwrite=overwrite,
-                          checkpoint=checkpoint, main=info.is_main)
-    D.barrier(info)
+    def on_main() -> dict | None:
+        prepare_run_dir(out, resume=resume is not None, overwrite=overwrite,
+                        checkpoint=checkpoint, main=True)
+        if resume is None:
+            return None
+        return load_resume(out, resume, checkpoint, config=config, ignore=resumable,
+                           override=override_config)[1]
+
+    if info.enabled:
+        import torch.distributed as dist
+
+        payload: list[Any] = [None]
+        if info.is_main:
+            try:
+                payload = [("ok", on_main())]
+            except Exception as err:  # every rank raises it, none waits forever
+                payload = [("error", err)]
+        dist.broadcast_object_list(payload, src=0)
+        kind, value = payload[0]
+        if kind == "error":
+            raise value
+        state = value
+        Path(out).mkdir(parents=True, exist_ok=True)
+    else:
+        state = on_main()
+    out = Path(out)
     log = RunLog(out / "train.log", enabled=info.is_main, quiet=quiet)
-    state = None
-    if resume is not None:
-        _, state = load_resume(out, resume, checkpoint, config=config, ignore=resumable,
-                               override=override_config)
     return out, log, state
