@@ -26,8 +26,25 @@ enters the loss.
 Under DistributedDataParallel the first three modes draw each process's negatives from its own
 batch (as CPC_audio does); gradients are averaged across processes by DDP.
 
+Queries: the predictions may cover P <= S frames (the transformer predictor's W = S - K);
+the query (b, t) of step k exists iff t < P and t + k < length_b.
+
+Sampled negatives (``n_negatives=N > 0``, CPC_audio's ``negativeSamplingExt``): instead of
+every key of the group, each query position (b, t) gets N negatives drawn once and shared by
+every step (:func:`sample_negatives`: a sequence uniform in the query's group, then a time
+uniform over that sequence's valid frames other than t, optionally never within
+``exclude_near`` frames of a positive in the query's own sequence), and the logits of a query
+are [positive, N negatives], as in CPC_audio's ``CPCUnsupersivedCriterion``. The draw uses the
+``generator`` passed to ``forward`` (None: the default generator), so a recipe can make the
+negatives of step s a function of (seed, step, rank). Not with ``"global"``.
+
+Logits: ``q . k / temperature`` (``similarity="dot"``, the paper), ``q . k / (C temperature)``
+(``"mean"``, CPC_audio's ``(prediction * candidate).mean(dim=3)``), or the cosine.
+
 The loss of step k is the mean over its queries of -log softmax (summed over groups, divided
-by the number of queries); the total is the mean over steps. Accuracy of step k: the fraction
+by the number of queries); the total is the mean over steps (``step_reduction="mean"``) or
+their sum (``"sum"``, CPC_audio, whose effective learning rate on the predictions is then K
+times larger). Accuracy of step k: the fraction
 of queries whose positive has the largest logit among its group's keys, estimated on at most
 ``accuracy_rows`` evenly spaced queries per step (no randomness, so it never touches the RNG).
 
@@ -54,6 +71,90 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NEGATIVE_MODES = ("batch", "sequence", "speaker", "global")
+SIMILARITIES = ("dot", "mean", "cosine")
+STEP_REDUCTIONS = ("mean", "sum")
+
+
+def sample_negatives(lengths: torch.Tensor, groups: torch.Tensor, queries: int,
+                     n_negatives: int, steps: int, exclude_near: int | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw ``n_negatives`` negatives per query position, as CPC_audio's ``sampleClean`` does,
+    restricted to the query's group and to valid frames.
+
+    For each query position (b, t), t < ``queries``, and each j < n_negatives, independently:
+
+    1. a sequence b' uniform among the sequences of b's group (``groups[b'] == groups[b]``)
+       that have at least one valid frame (CPC_audio: any sequence of the batch, which with its
+       ``samespeaker`` sampler is one speaker's);
+    2. a time t' uniform over the allowed frames of b', ``0 <= t' < lengths[b']`` minus a
+       forbidden interval: ``{t mod lengths[b']}`` (CPC_audio's ``(t + U[1, S)) mod S``, which
+       never draws the query's own time), or, when ``exclude_near=E`` is given and b' == b,
+       ``[min(t, t + 1 - E), t + steps + E]`` (never within E frames of any step's positive
+       z_{b, t+1..t+steps}, and never t itself). t' is drawn directly from the allowed set
+       (r uniform in [0, allowed), then shifted past the interval), with no redraw.
+
+    (Positions t with t + 1 >= lengths[b] are never queries; their draws are valid frames
+    but follow no rule.) The draw is shared by every step k (as in CPC_audio). If b' has no
+    allowed frame (a
+    sequence of one frame, or the query's own sequence shorter than the excluded interval) the
+    negative is dropped: its time is -1 (the criterion gives it logit -inf).
+
+    Args:
+        lengths: ``(B,)`` valid frames per sequence.
+        groups: ``(B,)`` integer group ids (equal ids: same group).
+        queries: P, the query positions per sequence.
+        n_negatives: N.
+        steps: K, the prediction steps (for ``exclude_near``).
+        exclude_near: E >= 0, or None (CPC_audio's rule only).
+        generator: drives both draws (``torch.rand`` on ``lengths.device``); None: the default
+            generator of that device.
+
+    Returns:
+        ``(B, P, N, 2)`` long: ``[..., 0]`` the sequence b', ``[..., 1]`` the time t' (-1:
+        dropped). No host synchronisation.
+
+    Example:
+        >>> idx = sample_negatives(torch.tensor([50, 40]), torch.zeros(2, dtype=torch.long),
+        ...                        queries=38, n_negatives=128, steps=12)
+        >>> idx.shape
+        torch.Size([2, 38, 128, 2])
+    """
+    if lengths.dim() != 1 or groups.shape != lengths.shape:
+        raise ValueError(f"lengths.shape={tuple(lengths.shape)}, groups.shape="
+                         f"{tuple(groups.shape)}: expected two (batch,) tensors")
+    for name, value in (("queries", queries), ("n_negatives", n_negatives), ("steps", steps)):
+        if not isinstance(value, int) or value < (0 if name == "queries" else 1):
+            raise ValueError(f"{name}={value!r}: expected a positive integer")
+    if exclude_near is not None and (not isinstance(exclude_near, int) or exclude_near < 0):
+        raise ValueError(f"exclude_near={exclude_near!r}: expected None or an integer >= 0")
+    device = lengths.device
+    lengths = lengths.long()
+    batch = lengths.shape[0]
+    shape = (batch, queries, n_negatives)
+    # 1. the sequence: the r-th member of b's group, r uniform in [0, members_b)
+    member = (groups[:, None] == groups[None, :]) & (lengths[None, :] > 0)  # (B, B)
+    count = member.sum(1).clamp(min=1)
+    rank_end = member.long().cumsum(1)  # rank_end[b, j]: members among sequences 0..j
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    r = torch.minimum((u * count[:, None, None]).long(), (count - 1)[:, None, None])
+    seq = torch.searchsorted(rank_end, (r + 1).view(batch, -1)).view(shape).clamp(max=batch - 1)
+    # 2. the time: uniform over [0, L) minus the forbidden interval [lo, hi]
+    length = lengths[seq]
+    t = torch.arange(queries, device=device)[None, :, None].expand(shape)
+    lo = hi = torch.remainder(t, length.clamp(min=1))
+    if exclude_near is not None:
+        own = seq == torch.arange(batch, device=device)[:, None, None]
+        lo = torch.where(own, t - max(exclude_near - 1, 0), lo)
+        hi = torch.where(own, t + steps + exclude_near, hi)
+    lo = lo.clamp(min=0)
+    hi = torch.minimum(hi, length - 1)
+    width = (hi - lo + 1).clamp(min=0)
+    allowed = length - width
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    r = torch.minimum((u * allowed).long(), allowed - 1)
+    time = r + (r >= lo).long() * width
+    time = torch.where(allowed > 0, time, torch.full_like(time, -1))
+    return torch.stack([seq, time], dim=-1)
 
 
 def _info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float, backend: str,
@@ -126,32 +227,69 @@ class CPCCriterion(nn.Module):
             default group when torch.distributed is initialised, else one process (the same
             loss as ``"batch"``). Ignored by the other modes.
 
-    ``forward(predictions, z, lengths, speakers=None)``:
-        predictions ``(K, B, S, C)`` from :meth:`cpc.model.CPCModel.predict`; z ``(B, S, C)``;
+        n_negatives: 0 (every key of the group) or N > 0 sampled negatives per query (see the
+            module docstring); not with ``"global"``.
+        exclude_near: with N > 0, E >= 0: negatives from the query's own sequence never within
+            E frames of a positive (nor at t); None: CPC_audio's rule only (never at t).
+        step_reduction: ``"mean"`` or ``"sum"`` (CPC_audio) of the K step losses.
+
+    ``forward(predictions, z, lengths, speakers=None, accuracy=True, generator=None)``:
+        predictions ``(K, B, P, C)``, P <= S, from :meth:`cpc.model.CPCModel.predict`;
+        z ``(B, S, C)``;
         lengths ``(B,)`` valid frames per sequence (None: all valid); speakers ``(B,)`` integer
         speaker ids, required for ``negatives="speaker"``; ``accuracy=False`` skips the
-        accuracy (NaN in the output), for steps that do not log it.
+        accuracy (NaN in the output), for steps that do not log it; ``generator`` drives the
+        draw of sampled negatives (on z's device). With N > 0 the accuracy counts a query as
+        right when its positive's logit is strictly above every negative's (ties are wrong),
+        and ``step_queries`` stays on z's device (no host synchronisation unless accuracy).
+
+    Example:
+        >>> crit = CPCCriterion("speaker", similarity="mean", n_negatives=128,
+        ...                     step_reduction="sum")  # CPC_audio's objective
+        >>> out = crit(model.predict(c), z, lengths, speakers,
+        ...            generator=torch.Generator().manual_seed(step))
     """
 
     def __init__(self, negatives: str = "batch", temperature: float = 1.0,
                  accuracy_rows: int = 256, backend: str = "auto",
-                 similarity: str = "dot", process_group: object | None = None) -> None:
+                 similarity: str = "dot", process_group: object | None = None,
+                 n_negatives: int = 0, exclude_near: int | None = None,
+                 step_reduction: str = "mean") -> None:
         super().__init__()
         if negatives not in NEGATIVE_MODES:
             raise ValueError(f"negatives={negatives!r}: expected one of {NEGATIVE_MODES}")
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r}: expected a positive number")
-        if similarity not in ("dot", "cosine"):
-            raise ValueError(f"similarity={similarity!r}: expected 'dot' or 'cosine'")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={similarity!r}: expected one of {SIMILARITIES}")
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group={process_group!r}: expected a "
                             "torch.distributed.ProcessGroup or None")
+        if not isinstance(n_negatives, int) or isinstance(n_negatives, bool) or n_negatives < 0:
+            raise ValueError(f"n_negatives={n_negatives!r}: expected an integer >= 0 (0: every "
+                             "frame of the group's pool)")
+        if exclude_near is not None and (not isinstance(exclude_near, int)
+                                         or isinstance(exclude_near, bool) or exclude_near < 0):
+            raise ValueError(f"exclude_near={exclude_near!r}: expected None or an integer >= 0")
+        if exclude_near is not None and n_negatives == 0:
+            raise ValueError(f"exclude_near={exclude_near!r}: only with sampled negatives "
+                             "(n_negatives > 0); got n_negatives=0")
+        if negatives == "global" and n_negatives > 0:
+            raise ValueError(f"n_negatives={n_negatives}: sampled negatives are not supported "
+                             "with negatives='global' (cross-rank negatives use every frame of "
+                             "every rank); use n_negatives=0 or another negatives mode")
+        if step_reduction not in STEP_REDUCTIONS:
+            raise ValueError(f"step_reduction={step_reduction!r}: expected one of "
+                             f"{STEP_REDUCTIONS}")
         self.negatives = negatives
         self.similarity = similarity
         self.temperature = float(temperature)
         self.accuracy_rows = int(accuracy_rows)
         self.backend = backend
         self.process_group = process_group
+        self.n_negatives = n_negatives
+        self.exclude_near = exclude_near
+        self.step_reduction = step_reduction
 
     def _groups(self, batch: int, speakers: torch.Tensor | None, device) -> torch.Tensor:
         """Group id of each sequence (B,)."""
@@ -169,21 +307,30 @@ class CPCCriterion(nn.Module):
     def forward(self, predictions: torch.Tensor, z: torch.Tensor,
                 lengths: torch.Tensor | None = None,
                 speakers: torch.Tensor | None = None,
-                accuracy: bool = True) -> CPCLossOutput:
-        if predictions.dim() != 4 or z.dim() != 3 or predictions.shape[1:3] != z.shape[:2] \
-                or predictions.shape[3] != z.shape[2]:
+                accuracy: bool = True,
+                generator: torch.Generator | None = None) -> CPCLossOutput:
+        if predictions.dim() != 4 or z.dim() != 3 or predictions.shape[1] != z.shape[0] \
+                or predictions.shape[2] > z.shape[1] or predictions.shape[3] != z.shape[2]:
             raise ValueError(
                 f"predictions.shape={tuple(predictions.shape)}, z.shape={tuple(z.shape)}: "
-                "expected (K, B, S, C) and (B, S, C)"
+                "expected (K, B, P, C) and (B, S, C) with P <= S"
             )
-        steps, batch, frames, _ = predictions.shape
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator={generator!r}: expected a torch.Generator or None")
+        steps, batch, _, dim = predictions.shape
+        frames = z.shape[1]
         device = z.device
         if self.similarity == "cosine":
             predictions = F.normalize(predictions, dim=-1)
             z = F.normalize(z, dim=-1)
+        elif self.similarity == "mean":  # CPC_audio's (prediction * candidate).mean(dim=3)
+            predictions = predictions / dim
         if lengths is None:
             lengths = torch.full((batch,), frames, dtype=torch.long, device=device)
         lengths = torch.as_tensor(lengths, device=device).long().clamp(max=frames)
+        if self.n_negatives > 0:
+            groups = self._groups(batch, speakers, device)
+            return self._forward_sampled(predictions, z, lengths, groups, accuracy, generator)
         if self.negatives == "global":
             group = _default_group(self.process_group)
             if group is not None and dist.get_world_size(group) > 1:
@@ -194,7 +341,7 @@ class CPCCriterion(nn.Module):
         step_losses, step_acc, step_n = [], [], []
         total = z.new_zeros(())
         for k in range(1, steps + 1):
-            span = frames - k
+            span = min(predictions.shape[2], frames - k)  # queries t < P with t + k < S
             if span <= 0:
                 step_losses.append(z.new_zeros(()))
                 step_acc.append(z.new_zeros(()))
@@ -203,7 +350,7 @@ class CPCCriterion(nn.Module):
             t = torch.arange(span, device=device)
             valid = (t[None, :] + k) < lengths[:, None]  # (B, span)
             query_all = predictions[k - 1, :, :span]
-            key_all = z[:, k:]
+            key_all = z[:, k:k + span]
             row_group = groups[:, None].expand(batch, span)[valid]
             query = query_all[valid]
             key = key_all[valid]
@@ -233,7 +380,7 @@ class CPCCriterion(nn.Module):
             step_acc.append(torch.tensor(correct / counted if counted else float("nan"),
                                          device=device))
             step_n.append(n)
-        loss = total / steps
+        loss = self._reduce_steps(total, steps)
         return CPCLossOutput(
             loss=loss,
             step_loss=torch.stack(step_losses).detach().float(),
@@ -241,12 +388,89 @@ class CPCCriterion(nn.Module):
             step_queries=torch.tensor(step_n),
         )
 
+    def _reduce_steps(self, total: torch.Tensor, steps: int) -> torch.Tensor:
+        """The sum of the K step losses (CPC_audio) or their mean."""
+        return total if self.step_reduction == "sum" else total / steps
+
+    def _forward_sampled(self, predictions: torch.Tensor, z: torch.Tensor, lengths: torch.Tensor,
+                         groups: torch.Tensor, accuracy: bool,
+                         generator: torch.Generator | None) -> CPCLossOutput:
+        """``n_negatives > 0``: per query, [positive, N sampled negatives], cross-entropy.
+
+        The loss of step k is the mean over its queries (t < P, t + k < length_b) of
+        ``-log softmax(l)_0`` with ``l = [q . z_{b,t+k}, q . z_{b',t'} ...] / temperature``
+        (dropped negatives: -inf). Masked sums rather than boolean indexing, so no host
+        synchronisation unless ``accuracy=True``.
+        """
+        steps, batch, pframes, _ = predictions.shape
+        frames = z.shape[1]
+        device = z.device
+        idx = sample_negatives(lengths, groups, pframes, self.n_negatives, steps,
+                               self.exclude_near, generator)
+        seq, time = idx.unbind(-1)
+        dropped = time < 0
+        negatives = z[seq, time.clamp(min=0)]  # (B, P, N, C), shared by every step
+        # float32 at least for the log-softmax (float64 stays float64)
+        acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        step_losses, step_acc, step_n = [], [], []
+        total = z.new_zeros((), dtype=acc_dtype)
+        for k in range(1, steps + 1):
+            span = min(pframes, frames - k)
+            if span <= 0:
+                step_losses.append(total.new_zeros(()))
+                step_acc.append(total.new_full((), float("nan")))
+                step_n.append(torch.zeros((), dtype=torch.long, device=device))
+                continue
+            valid = (torch.arange(span, device=device)[None, :] + k) < lengths[:, None]
+            query = predictions[k - 1, :, :span]  # (B, span, C)
+            positive = (query * z[:, k:k + span]).sum(-1, keepdim=True)  # (B, span, 1)
+            negative = torch.einsum("bpc,bpnc->bpn", query, negatives[:, :span])
+            logits = torch.cat([positive, negative], dim=-1).to(acc_dtype) / self.temperature
+            logits = logits.masked_fill(F.pad(dropped[:, :span], (1, 0)), float("-inf"))
+            terms = -torch.log_softmax(logits, dim=-1)[..., 0]  # (B, span)
+            n = valid.sum()
+            step_loss = torch.where(valid, terms, torch.zeros_like(terms)).sum() / n.clamp(min=1)
+            total = total + step_loss
+            step_losses.append(step_loss.detach())
+            step_n.append(n)
+            if accuracy:
+                # a negative that is the positive's own frame (b' = b, t' = t + k) ties with it
+                # exactly, whatever the rounding of the two products
+                t = torch.arange(span, device=device)
+                same = (seq[:, :span] == torch.arange(batch, device=device)[:, None, None]) \
+                    & (time[:, :span] == (t + k)[None, :, None])
+                step_acc.append(self._accuracy_sampled(logits.detach(), valid, same.any(-1)))
+            else:
+                step_acc.append(total.new_full((), float("nan")))
+        return CPCLossOutput(
+            loss=self._reduce_steps(total, steps).to(z.dtype),
+            step_loss=torch.stack(step_losses).detach().float(),
+            step_accuracy=torch.stack(step_acc).float(),
+            step_queries=torch.stack(step_n),  # on z's device: no host synchronisation
+        )
+
+    @torch.no_grad()
+    def _accuracy_sampled(self, logits: torch.Tensor, valid: torch.Tensor,
+                          tie: torch.Tensor) -> torch.Tensor:
+        """Fraction of about accuracy_rows evenly spaced valid queries whose positive logit is
+        strictly above every negative's (ties count as wrong; ``tie``: a negative is the
+        positive's frame)."""
+        correct = (logits[..., 0] > logits[..., 1:].amax(dim=-1)) & ~tie  # (B, span)
+        correct = correct[valid]  # query order: b, then t (host sync: logging steps only)
+        n = correct.numel()
+        if n == 0:
+            return logits.new_full((), float("nan"))
+        want = min(n, max(1, self.accuracy_rows))
+        rows = torch.linspace(0, n - 1, want, device=logits.device).round().long()
+        return correct[rows].float().mean()
+
     def _forward_global(self, predictions: torch.Tensor, z: torch.Tensor, lengths: torch.Tensor,
                         accuracy: bool, group: object) -> CPCLossOutput:
         """``negatives="global"`` over a group of R > 1 ranks (see the module docstring)."""
         from csrc_triton.distributed import gather_constant
 
-        steps, _, frames, dim = predictions.shape
+        steps, _, pframes, dim = predictions.shape
+        frames = z.shape[1]
         device = z.device
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         # every rank must run the same steps on the same feature size (the batch and the
@@ -261,7 +485,9 @@ class CPCCriterion(nn.Module):
         # valid queries of step k on this rank: sum_b max(0, length_b - k); the table of every
         # rank's counts is read on the host once, since the padded shapes depend on it
         ks = torch.arange(1, steps + 1, device=device)
-        counts = (lengths[None, :] - ks[:, None]).clamp(min=0).sum(1)
+        # (queries t < min(P, length_b - k))
+        counts = torch.minimum(lengths[None, :] - ks[:, None],
+                               torch.full_like(lengths[None, :], pframes)).clamp(min=0).sum(1)
         table = gather_constant(counts[None], group).tolist()  # (R, K)
         step_losses, step_acc, step_n = [], [], []
         total = z.new_zeros(())
@@ -273,10 +499,10 @@ class CPCCriterion(nn.Module):
                 step_losses.append(z.new_zeros(()))
                 step_acc.append(z.new_zeros(()))
                 continue
-            span = frames - k
+            span = max(min(pframes, frames - k), 0)
             valid = (torch.arange(span, device=device)[None, :] + k) < lengths[:, None]
             query = predictions[k - 1, :, :span][valid]
-            key = z[:, k:][valid]
+            key = z[:, k:k + span][valid]
             if min(n_all) < n_max:
                 # max |q_i . k_j| over the group <= max |q_i| * max |k_j| (Cauchy-Schwarz)
                 acc = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -296,7 +522,7 @@ class CPCCriterion(nn.Module):
             step_acc.append(self._accuracy_global(query, key, n_all, rank, group, device)
                             if accuracy else torch.tensor(float("nan"), device=device))
         return CPCLossOutput(
-            loss=total / steps,
+            loss=self._reduce_steps(total, steps),
             step_loss=torch.stack(step_losses).detach().float(),
             step_accuracy=torch.stack(step_acc).float(),
             step_queries=torch.tensor(step_n),

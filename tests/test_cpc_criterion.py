@@ -15,15 +15,17 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpc.criterion import CPCCriterion
+from cpc.criterion import CPCCriterion, sample_negatives
 
 
 def naive_cpc_loss(pred, z, lengths, speakers, mode, temperature=1.0):
-    """One cross-entropy per query, its candidates listed explicitly."""
-    steps, batch, frames, _ = pred.shape
+    """One cross-entropy per query, its candidates listed explicitly. Queries: t < P (the
+    predictions' frames) with t + k < length."""
+    steps, batch, pframes, _ = pred.shape
+    frames = z.shape[1]
     step_losses = []
     for k in range(1, steps + 1):
-        queries = [(b, t) for b in range(batch) for t in range(frames - k)
+        queries = [(b, t) for b in range(batch) for t in range(min(pframes, frames - k))
                    if t + k < lengths[b]]
         terms = []
         for b, t in queries:
@@ -68,6 +70,29 @@ def test_matches_naive_dense(mode, padded):
             assert g_pred[:, b, max(n - 1, 0):].abs().sum() == 0
 
 
+@pytest.mark.parametrize("mode", ["batch", "speaker"])
+def test_full_pool_mean_similarity_fewer_prediction_frames_and_sum(mode):
+    """similarity="mean" is q.k / C; predictions with P < S frames (the transformer's W);
+    step_reduction="sum" is the sum of the step means."""
+    torch.manual_seed(6)
+    steps, batch, frames, dim = 3, 4, 10, 6
+    pred = torch.randn(steps, batch, frames - steps, dim, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(batch, frames, dim, dtype=torch.float64, requires_grad=True)
+    lengths, speakers = torch.tensor([10, 7, 9, 5]), torch.tensor([0, 1, 0, 1])
+    out = CPCCriterion(mode, temperature=0.2, similarity="mean", step_reduction="sum")(
+        pred, z, lengths, speakers)
+    ref, ref_steps = naive_cpc_loss(pred / dim, z, lengths.tolist(), speakers.tolist(), mode, 0.2)
+    torch.testing.assert_close(out.loss, ref * steps, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.step_loss, ref_steps.detach().float())
+    g = torch.autograd.grad(out.loss, (pred, z))
+    g_ref = torch.autograd.grad(ref * steps, (pred, z))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # queries t < P = S - K only
+    assert out.step_queries.tolist() == [
+        sum(min(frames - steps, n - k) for n in lengths.tolist()) for k in (1, 2, 3)]
+
+
 def test_accuracy_is_one_when_predictions_equal_keys():
     torch.manual_seed(0)
     z = F.normalize(torch.randn(4, 10, 16), dim=-1) * 5  # self-dot is the unique max
@@ -84,9 +109,194 @@ def test_speaker_mode_needs_speakers_and_bad_mode_named():
         CPCCriterion("nope")
     with pytest.raises(TypeError, match="process_group='world'"):
         CPCCriterion("global", process_group="world")
+    with pytest.raises(ValueError, match="n_negatives=8: sampled negatives are not supported "
+                                         "with negatives='global'"):
+        CPCCriterion("global", n_negatives=8)
+    with pytest.raises(ValueError, match="n_negatives=-1"):
+        CPCCriterion(n_negatives=-1)
+    with pytest.raises(ValueError, match="exclude_near=-2"):
+        CPCCriterion(n_negatives=4, exclude_near=-2)
+    with pytest.raises(ValueError, match="exclude_near=2: only with sampled"):
+        CPCCriterion(exclude_near=2)
+    with pytest.raises(ValueError, match="step_reduction='max'"):
+        CPCCriterion(step_reduction="max")
+    with pytest.raises(ValueError, match="similarity='l2'"):
+        CPCCriterion(similarity="l2")
+    with pytest.raises(ValueError, match=r"predictions.shape=\(2, 3, 6, 4\).*P <= S"):
+        CPCCriterion()(torch.randn(2, 3, 6, 4), torch.randn(3, 5, 4))
+    with pytest.raises(TypeError, match="generator=3"):
+        CPCCriterion(n_negatives=2)(torch.randn(2, 3, 5, 4), torch.randn(3, 5, 4), generator=3)
     crit = CPCCriterion("speaker")
     with pytest.raises(ValueError, match="speakers=None"):
         crit(torch.randn(2, 3, 5, 4), torch.randn(3, 5, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# sampled negatives (n_negatives > 0): the draw, then the loss on the same draw
+# --------------------------------------------------------------------------------------------
+def _draw(lengths, groups, queries, n, steps, exclude_near, seed):
+    return sample_negatives(torch.tensor(lengths), torch.tensor(groups), queries, n, steps,
+                            exclude_near, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("exclude_near", [None, 0, 2])
+def test_sample_negatives_properties(exclude_near):
+    """Within the group, within the drawn sequence's valid length (an empty sequence never
+    drawn), never the query's own time t (mod the length), never within exclude_near frames of
+    a positive in the query's own sequence, and roughly uniform over sequences and times."""
+    lengths, groups, steps = [40, 25, 33, 0, 40], [0, 1, 0, 0, 0], 4
+    queries, n = 30, 400
+    idx = _draw(lengths, groups, queries, n, steps, exclude_near, seed=7)
+    assert idx.shape == (5, queries, n, 2) and idx.dtype == torch.long
+    seq, time = idx.unbind(-1)
+    L, G = torch.tensor(lengths), torch.tensor(groups)
+    b = torch.arange(5)[:, None, None].expand_as(seq)
+    t = torch.arange(queries)[None, :, None].expand_as(seq)
+    assert (time >= 0).all()  # every sequence drawn here has allowed frames
+    assert (G[seq] == G[b]).all()
+    assert (time < L[seq]).all()
+    assert not (seq == 3).any()  # no valid frame
+    query = t + 1 < L[b]  # positions that are queries for some step
+    assert not (query & (time == t % L[seq])).any()
+    own = query & (seq == b)
+    if exclude_near is not None:
+        lo, hi = t + 1 - exclude_near, t + steps + exclude_near
+        assert not (own & (time >= lo) & (time <= hi)).any()
+        lo = torch.minimum(lo, t)  # t itself is never drawn either (CPC_audio's rule)
+        assert (own & (time == hi + 1)).any() and (own & (time == lo - 1)).any()  # tight
+    else:
+        assert (own & (time == t + 1)).any()  # CPC_audio: the positive's frames may be drawn
+    assert (seq[1] == 1).all()  # alone in its group
+    # uniform over the group's sequences: 0, 2, 4 for b = 0 (12000 draws, 1/3 each)
+    counts = torch.bincount(seq[0].flatten(), minlength=5)[[0, 2, 4]].double()
+    assert ((counts / counts.sum() - 1 / 3).abs() < 0.03).all(), counts
+    if exclude_near is None:  # uniform over the 39 offsets (t' - t) mod 40 of sequence 0
+        sel = seq[0] == 0
+        offsets = (time[0][sel] - t[0][sel]) % 40
+        hist = torch.bincount(offsets, minlength=40).double()
+        assert hist[0] == 0
+        expected = sel.sum() / 39
+        chi2 = float(((hist[1:] - expected) ** 2 / expected).sum())
+        assert chi2 < 80, chi2  # 38 degrees of freedom: mean 38, sd 8.7
+
+
+def test_sample_negatives_drops_when_nothing_is_allowed():
+    """A sequence alone in its group ("sequence" mode) shorter than the excluded interval has
+    no allowed frame for some queries: time -1 exactly there."""
+    idx = _draw([8], [0], 7, 16, 4, 2, seed=1)
+    time = idx[..., 1]
+    for t in range(7):  # forbidden [t - 1, t + 6] clipped to [0, 7]: allowed 8 - 8 or fewer
+        allowed = [x for x in range(8) if not (t - 1 <= x <= t + 6) and x != t]
+        if allowed:
+            assert set(time[0, t].tolist()) <= set(allowed)
+        else:
+            assert (time[0, t] == -1).all()
+    assert (time == -1).any() and (time >= 0).any()
+
+
+def test_sample_negatives_reproducible_with_a_generator():
+    a = _draw([20, 15, 20], [0, 0, 1], 10, 8, 3, None, seed=3)
+    b = _draw([20, 15, 20], [0, 0, 1], 10, 8, 3, None, seed=3)
+    c = _draw([20, 15, 20], [0, 0, 1], 10, 8, 3, None, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def naive_sampled_loss(pred, z, lengths, idx, temperature, similarity, reduction):
+    """Float64 reference from the same draw: for each query (b, t), t < P, t + k < length_b,
+    cross-entropy over [q . z_{b,t+k}, q . z_{b',t'} for each kept negative] / temperature
+    (/ C for "mean"); per-step mean; sum or mean over steps. Also the strict-max accuracy."""
+    steps, batch, pframes, dim = pred.shape
+    scale = 1.0 / dim if similarity == "mean" else 1.0
+    step_losses, step_acc = [], []
+    for k in range(1, steps + 1):
+        terms, correct = [], []
+        for b in range(batch):
+            for t in range(pframes):
+                if t + k >= lengths[b] or t + k >= z.shape[1]:
+                    continue
+                q = pred[k - 1, b, t]
+                cands = [z[b, t + k]] + [z[b2, t2] for b2, t2 in idx[b, t].tolist() if t2 >= 0]
+                logits = torch.stack([q @ c for c in cands]) * scale / temperature
+                terms.append(-torch.log_softmax(logits, 0)[0])
+                correct.append(all(bool(logits[0] > x) for x in logits[1:]))  # none: True
+        step_losses.append(torch.stack(terms).mean() if terms else pred.new_zeros(()))
+        step_acc.append(sum(correct) / len(correct) if correct else float("nan"))
+    losses = torch.stack(step_losses)
+    loss = losses.sum() if reduction == "sum" else losses.mean()
+    return loss, losses, torch.tensor(step_acc)
+
+
+SAMPLED_CASES = [  # mode, exclude_near, similarity, reduction, P = S - K (transformer) or S
+    ("batch", None, "mean", "sum", True),
+    ("sequence", 1, "dot", "mean", False),
+    ("speaker", 0, "mean", "mean", True),
+    ("speaker", None, "dot", "sum", False),
+]
+
+
+@pytest.mark.parametrize("mode,exclude_near,similarity,reduction,short", SAMPLED_CASES)
+def test_sampled_loss_matches_reference_on_the_same_draw(mode, exclude_near, similarity,
+                                                        reduction, short):
+    torch.manual_seed(8)
+    steps, batch, frames, dim, n_neg = 3, 4, 12, 5, 6
+    pframes = frames - steps if short else frames
+    pred = torch.randn(steps, batch, pframes, dim, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(batch, frames, dim, dtype=torch.float64)
+    z = (z + 0.7 * F.pad(pred[0].detach(), (0, 0, 0, frames - pframes))).requires_grad_()
+    lengths, speakers = torch.tensor([12, 7, 10, 5]), torch.tensor([4, 2, 4, 2])
+    crit = CPCCriterion(mode, temperature=0.3, accuracy_rows=10_000, similarity=similarity,
+                        n_negatives=n_neg, exclude_near=exclude_near, step_reduction=reduction)
+    out = crit(pred, z, lengths, speakers, generator=torch.Generator().manual_seed(21))
+    groups = {"batch": torch.zeros(batch, dtype=torch.long), "sequence": torch.arange(batch),
+              "speaker": speakers}[mode]
+    idx = sample_negatives(lengths, groups, pframes, n_neg, steps, exclude_near,
+                           torch.Generator().manual_seed(21))
+    if mode == "sequence":
+        assert (idx[..., 0] == torch.arange(batch)[:, None, None]).all()
+    ref, ref_steps, ref_acc = naive_sampled_loss(pred, z, lengths.tolist(), idx, 0.3,
+                                                 similarity, reduction)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.step_loss, ref_steps.detach().float())
+    torch.testing.assert_close(out.step_accuracy, ref_acc.float(), equal_nan=True)
+    assert 0 < float(ref_acc[0]) < 1  # neither vacuous nor saturated
+    assert out.step_queries.tolist() == [
+        sum(max(0, min(pframes, n - k)) for n in lengths.tolist()) for k in (1, 2, 3)]
+    up = torch.rand((), dtype=torch.float64) + 0.5
+    g = torch.autograd.grad(out.loss * up, (pred, z))
+    g_ref = torch.autograd.grad(ref * up, (pred, z))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for b, n in enumerate(lengths.tolist()):  # padding: neither positive nor negative
+        assert g[1][b, n:].abs().sum() == 0
+
+
+def test_sampled_generator_drives_the_draw_and_sum_is_k_times_mean():
+    torch.manual_seed(9)
+    pred, z = torch.randn(3, 2, 10, 4), torch.randn(2, 10, 4)
+    crit = CPCCriterion("batch", n_negatives=5)
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    a, b, c = (crit(pred, z, generator=gen(s)).loss for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    total = CPCCriterion("batch", n_negatives=5, step_reduction="sum")(pred, z, generator=gen(1))
+    torch.testing.assert_close(total.loss, 3 * a)
+    torch.testing.assert_close(total.loss, total.step_loss.sum())
+
+
+def test_sampled_accuracy_ties_count_as_wrong_and_exact_keys_are_right():
+    z = torch.ones(2, 8, 4)  # every logit equal: a tie, never counted as correct
+    out = CPCCriterion("batch", n_negatives=4)(torch.ones(2, 2, 8, 4), z,
+                                               generator=torch.Generator().manual_seed(0))
+    assert torch.all(out.step_accuracy == 0)
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(2, 12, 16), dim=-1) * 5  # self-dot is the unique max
+    pred = torch.stack([torch.cat([z[:, k:], torch.zeros(2, k, 16)], 1) for k in (1, 2)])
+    # exclude_near=0: the positive's own frame is never a negative, so every query is right
+    out = CPCCriterion("sequence", n_negatives=8, exclude_near=0)(
+        pred, z, generator=torch.Generator().manual_seed(0))
+    assert torch.all(out.step_accuracy == 1)
+    # CPC_audio's rule alone draws the positive's own frame as a negative at times: a tie
+    out = CPCCriterion("sequence", n_negatives=8)(pred, z, generator=torch.Generator().manual_seed(0))
+    assert torch.all(out.step_accuracy < 1)
 
 
 # --------------------------------------------------------------------------------------------
