@@ -195,12 +195,16 @@ def test_bench_table_and_flag_validation():
 
     rows = [{"size": 200, "utterances": 200, "hours": 0.69, "store_gb": 0.08,
              "peak_rss_mb": {"prepare": 300.0, "train": 500.0, "probe": 450.0, "overall": 510.0},
-             "seconds": 61.2}]
+             "rank_peak_mb": 480.0, "seconds": 61.2}]
     table = format_table(rows)
-    assert "| 200 | 200 | 0.69 | 0.080 | 300 | 500 | 450 | 510 | 61.2 |" in table
+    assert "| 200 | 200 | 0.69 | 0.080 | 300 | 500 | 450 | 510 | 480 | 61.2 |" in table
     with pytest.raises(SystemExit):
         parse_args(["--sizes", "0,10"])
     with pytest.raises(SystemExit):
         parse_args(["--steps", "-1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--sizes", "20,40", "--speakers-per-size", "2"])
+    with pytest.raises(SystemExit):
+        parse_args(["--sizes", "20", "--speakers-per-size", "11"])
     args = parse_args(["--sizes", "20,40", "--steps", "2"])
-    assert args.sizes == [20, 40] and args.steps == 2
+    assert args.sizes == [20, 40] and args.steps == 2 and args.speakers_per_size == [2, 2]
