@@ -245,7 +245,19 @@ def prepare_store(utterances: Sequence, folder: str | os.PathLike, *, workers: i
         if folder.exists():
             folder.rmdir()  # checked empty above
         folder.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            # another process (a rank on another node of a shared filesystem) finished the
+            # same store first: use it if it is the same audio
+            other = _read_meta(folder)
+            if other is None or other.get("key") != key:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return StoreReport(folder, key, True, int(other["n_utterances"]),
+                               int(other["total_samples"]),
+                               [tuple(x) for x in other.get("skipped", [])],
+                               time.perf_counter() - t0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -328,7 +340,7 @@ class AudioStore:
         self._local: np.ndarray | None = None
         if self.in_memory:
             # one int16 array; _local[i] = where utterance i starts in it (-1: not loaded)
-            self._ram = np.empty(need // 2, dtype=np.int16)
+            self._ram = np.empty(need // 2, dtype="<i2")  # the file's byte order
             self._local = np.full(self.n, -1, dtype=np.int64)
             pos = 0
             for i in chosen.tolist():
@@ -367,7 +379,7 @@ class AudioStore:
             base = int(self._local[i]) + start
             samples = self._ram[base:base + count]
         else:
-            samples = np.empty(count, dtype=np.int16)
+            samples = np.empty(count, dtype="<i2")
             self._pread_into(samples, int(self._offsets[i]) + start)
         # int16 / 32768 with a power-of-two scale: exact in float32
         return torch.from_numpy(samples.astype(np.float32) * np.float32(1.0 / 32768.0))

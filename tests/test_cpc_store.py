@@ -208,3 +208,24 @@ def test_bench_table_and_flag_validation():
         parse_args(["--sizes", "20", "--speakers-per-size", "11"])
     args = parse_args(["--sizes", "20,40", "--steps", "2"])
     assert args.sizes == [20, 40] and args.steps == 2 and args.speakers_per_size == [2, 2]
+
+
+def test_a_store_finished_first_by_another_process_is_used(tmp_path, monkeypatch):
+    import cpc.store as store_mod
+
+    utts, truth = _pcm16_files(tmp_path, [700, 300])
+    real_rename = os.rename
+
+    def racing_rename(src, dst):
+        # another process completes the same store while this one is writing its copy
+        if Path(dst) == tmp_path / "store":
+            monkeypatch.setattr(store_mod.os, "rename", real_rename)
+            prepare_store(utts, tmp_path / "other")
+            real_rename(tmp_path / "other", dst)
+            raise OSError(39, "Directory not empty")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "rename", racing_rename)
+    report = prepare_store(utts, tmp_path / "store")
+    assert report.reused and not list(tmp_path.glob(".store.tmp-*"))
+    np.testing.assert_array_equal(AudioStore(tmp_path / "store").read(1).numpy(), truth[1] / 32768)
