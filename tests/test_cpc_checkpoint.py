@@ -87,9 +87,13 @@ CPC_AUDIO_SHAPES = {
 }
 
 
+EXPORT_ARGS = dict(window=20480, negatives="speaker", n_negatives=128, lr=2e-4, warmup_steps=0,
+                   steps=1000, batch_size=8, similarity="mean", step_reduction="sum")
+
+
 def test_export_cpc_audio_layout(tmp_path):
     model = CPCModel(CPCModelConfig(encoder_norm="channel"))
-    path = export_cpc_audio(model, tmp_path / "cpc_audio.pt", window=20480)
+    path = export_cpc_audio(model, tmp_path / "cpc_audio.pt", **EXPORT_ARGS)
     state = torch.load(path, weights_only=True)
     assert set(state) >= {"config", "weights"}
     assert {k: tuple(v.shape) for k, v in state["weights"].items()} == CPC_AUDIO_SHAPES
@@ -107,5 +111,5 @@ def test_export_without_norm_and_with_lstm():
     weights = cpc_audio_weights(model)
     assert not any("batchNorm" in k for k in weights)
     assert tuple(weights["gAR.baseNet.weight_ih_l0"].shape) == (16, 8)
-    cfg = cpc_audio_config(model)
+    cfg = cpc_audio_config(model, **EXPORT_ARGS)
     assert cfg["normMode"] == "ID" and cfg["arMode"] == "LSTM"
