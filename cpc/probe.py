@@ -104,10 +104,10 @@ def encode_batch(model: CPCModel, wave: torch.Tensor, lengths: torch.Tensor,
     x = (x * _valid(n, total)).unsqueeze(1)                             # (B, 1, T)
     for conv, norm in zip(encoder.convs, encoder.norms):
         kernel, stride, padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-        x = F.relu(norm(conv(x)))
+        x = F.relu_(norm(conv(x)))  # in place: no grad here, one activation less at peak
         # valid length after this layer, as the unpadded conv computes it (floor division)
         n = torch.div(n + 2 * padding - kernel, stride, rounding_mode="floor").add_(1).clamp_(min=0)
-        x = x * _valid(n, x.shape[-1]).unsqueeze(1)
+        x.mul_(_valid(n, x.shape[-1]).unsqueeze(1))
     frames = total // DOWNSAMPLING
     z = x.transpose(1, 2)[:, :frames]                                   # (B, S, C)
     if z.shape[1] < frames:  # not reached with the encoder's padding; kept for safety
@@ -288,7 +288,8 @@ def _extract(split: ProbeSplit, name: str, models: dict[str, CPCModel],
                     utt_array[i] = pooled[row].numpy()
                 if frames[row] is not None and frames[row].shape[0]:
                     frame_array[offsets[i]:offsets[i + 1]] = frames[row].numpy()
-        bar.update(len(batch))
+        for _ in batch:  # one by one, so that plain-line progress keeps its interval
+            bar.update(1)
     bar.close()
 
 
