@@ -409,9 +409,11 @@ class CPCCriterion(nn.Module):
                                self.exclude_near, generator)
         seq, time = idx.unbind(-1)
         dropped = time < 0
-        negatives = z[seq, time.clamp(min=0)]  # (B, P, N, C), shared by every step
-        # float32 at least for the log-softmax (float64 stays float64)
+        # float32 accumulation for 16-bit inputs (float64 stays float64): the products and the
+        # log-softmax in acc_dtype, the gradients cast back once
         acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        z = z.to(acc_dtype)
+        negatives = z[seq, time.clamp(min=0)]  # (B, P, N, C), shared by every step
         step_losses, step_acc, step_n = [], [], []
         total = z.new_zeros((), dtype=acc_dtype)
         for k in range(1, steps + 1):
@@ -422,10 +424,10 @@ class CPCCriterion(nn.Module):
                 step_n.append(torch.zeros((), dtype=torch.long, device=device))
                 continue
             valid = (torch.arange(span, device=device)[None, :] + k) < lengths[:, None]
-            query = predictions[k - 1, :, :span]  # (B, span, C)
+            query = predictions[k - 1, :, :span].to(acc_dtype)  # (B, span, C)
             positive = (query * z[:, k:k + span]).sum(-1, keepdim=True)  # (B, span, 1)
             negative = torch.einsum("bpc,bpnc->bpn", query, negatives[:, :span])
-            logits = torch.cat([positive, negative], dim=-1).to(acc_dtype) / self.temperature
+            logits = torch.cat([positive, negative], dim=-1) / self.temperature
             logits = logits.masked_fill(F.pad(dropped[:, :span], (1, 0)), float("-inf"))
             terms = -torch.log_softmax(logits, dim=-1)[..., 0]  # (B, span)
             n = valid.sum()
@@ -443,7 +445,7 @@ class CPCCriterion(nn.Module):
             else:
                 step_acc.append(total.new_full((), float("nan")))
         return CPCLossOutput(
-            loss=self._reduce_steps(total, steps).to(z.dtype),
+            loss=self._reduce_steps(total, steps),  # float32 for 16-bit inputs
             step_loss=torch.stack(step_losses).detach().float(),
             step_accuracy=torch.stack(step_acc).float(),
             step_queries=torch.stack(step_n),  # on z's device: no host synchronisation

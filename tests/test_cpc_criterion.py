@@ -270,6 +270,33 @@ def test_sampled_loss_matches_reference_on_the_same_draw(mode, exclude_near, sim
         assert g[1][b, n:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sampled_lower_precision_accumulates_in_float32(dtype):
+    """Inputs in float32 / bfloat16 / float16: the loss at float32-level tolerance of the
+    float64 reference on the same (rounded) inputs, the gradients within one rounding to the
+    input dtype of it (the products and the log-softmax run in float32)."""
+    torch.manual_seed(10)
+    steps, batch, frames, dim = 2, 3, 10, 8
+    pred = torch.randn(steps, batch, frames, dim).to(dtype).requires_grad_()
+    z = torch.randn(batch, frames, dim).to(dtype).requires_grad_()
+    lengths = torch.tensor([10, 6, 9])
+    crit = CPCCriterion("batch", temperature=0.5, n_negatives=5)
+    out = crit(pred, z, lengths, generator=torch.Generator().manual_seed(2))
+    assert out.loss.dtype == torch.float32
+    idx = sample_negatives(lengths, torch.zeros(batch, dtype=torch.long), frames, 5, steps, None,
+                           torch.Generator().manual_seed(2))
+    p64 = pred.detach().double().requires_grad_()
+    z64 = z.detach().double().requires_grad_()
+    ref, _, _ = naive_sampled_loss(p64, z64, lengths.tolist(), idx, 0.5, "dot", "mean")
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
+    g = torch.autograd.grad(out.loss, (pred, z))
+    g_ref = torch.autograd.grad(ref, (p64, z64))
+    ulp = torch.finfo(dtype).eps
+    for a, b in zip(g, g_ref):
+        assert a.dtype == dtype
+        assert ((a.double() - b).abs() <= ulp * b.abs() + 1e-6).all()
+
+
 def test_sampled_generator_drives_the_draw_and_sum_is_k_times_mean():
     torch.manual_seed(9)
     pred, z = torch.randn(3, 2, 10, 4), torch.randn(2, 10, 4)
@@ -327,6 +354,8 @@ def _global_inputs(case: str, dtype: torch.dtype):
     steps, batch, frames, dim = 3, GLOBAL_RANKS * GLOBAL_BATCH, 9, 5
     pred = torch.randn(steps, batch, frames, dim, generator=gen)
     z = 0.5 * pred[0] + torch.randn(batch, frames, dim, generator=gen)  # predictable keys
+    if case == "fewer":  # predictions over P = 6 < S = 9 frames (the transformer's W)
+        pred = pred[:, :, :6].contiguous()
     lengths = torch.tensor([v for rank in GLOBAL_LENGTHS[case] for v in rank])
     upstream = 0.5 + torch.rand((), generator=gen)
     return pred.to(dtype), z.to(dtype), lengths, upstream.to(dtype)
@@ -335,11 +364,13 @@ def _global_inputs(case: str, dtype: torch.dtype):
 GLOBAL_RANKS, GLOBAL_BATCH = 2, 3
 #: each rank's sequence lengths per case. "full": no padding, every rank the same counts (no
 #: padding rows); "padded": different counts per rank, and rank 1 has no query at all for step
-#: 3 (all its rows are padding); "short": no rank has a query for steps 2 and 3.
+#: 3 (all its rows are padding); "short": no rank has a query for steps 2 and 3; "fewer":
+#: predictions over 6 of the 9 frames.
 GLOBAL_LENGTHS = {
     "full": ([9, 9, 9], [9, 9, 9]),
     "padded": ([9, 6, 8], [3, 2, 3]),
     "short": ([2, 1, 2], [1, 2, 1]),
+    "fewer": ([9, 7, 8], [9, 5, 9]),
 }
 GLOBAL_CRITERIA = {"dot": dict(temperature=0.5), "cosine": dict(temperature=0.1, similarity="cosine")}
 GLOBAL_TOL = {"float64": 1e-10, "float32": 1e-5}
@@ -455,7 +486,7 @@ def test_global_matches_one_process_on_the_concatenated_batch(global_ranks, case
         assert r["queries"].tolist() == ref.step_queries.tolist()
         torch.testing.assert_close(r["acc"], ref.step_accuracy, rtol=0, atol=0, equal_nan=True)
     if case != "short":  # the accuracy is not vacuous: some queries are ranked first, some not
-        assert 0 < float(ref.step_accuracy[0]) < 1 or case == "full"
+        assert 0 < float(ref.step_accuracy[0]) < 1 or case in ("full", "fewer")
     if case == "padded":  # padded frames get no gradient (the last valid query is at length-2)
         for b, n in enumerate(lengths.tolist()):
             r, row = divmod(b, GLOBAL_BATCH)
