@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,7 @@ def run_measured(cmd: Sequence[str], *, phase_of: Callable[[str], str | None] | 
             lines.append(line.rstrip("\n"))
             if log:
                 log.write(line)
+                log.flush()
             if phase_of is not None:
                 phase = phase_of(line)
                 if phase is not None:
@@ -120,20 +122,25 @@ def run_measured(cmd: Sequence[str], *, phase_of: Callable[[str], str | None] | 
     thread.start()
     peaks: dict[str, float] = {"overall": 0.0}
     rank_peak = 0
-    while True:
-        done = proc.poll() is not None
-        rss, hwm = tree_rss(proc.pid) if not done else (0, 0)
-        rank_peak = max(rank_peak, hwm)
-        mb = rss / 2**20
-        peaks["overall"] = max(peaks["overall"], mb)
-        if state["phase"] is not None:
-            peaks[state["phase"]] = max(peaks.get(state["phase"], 0.0), mb)
-        if done:
-            break
-        time.sleep(interval)
-    thread.join(timeout=10)
-    if log:
-        log.close()
+    try:
+        while True:
+            done = proc.poll() is not None
+            rss, hwm = tree_rss(proc.pid) if not done else (0, 0)
+            rank_peak = max(rank_peak, hwm)
+            mb = rss / 2**20
+            peaks["overall"] = max(peaks["overall"], mb)
+            if state["phase"] is not None:
+                peaks[state["phase"]] = max(peaks.get(state["phase"], 0.0), mb)
+            if done:
+                break
+            time.sleep(interval)
+    finally:
+        if proc.poll() is None:  # interrupted: the child goes too
+            proc.kill()
+            proc.wait()
+        thread.join(timeout=10)
+        if log:
+            log.close()
     return {"returncode": proc.returncode, "seconds": time.perf_counter() - start,
             "peak_rss_mb": peaks, "rank_peak_mb": rank_peak / 2**20, "tail": lines[-40:]}
 
@@ -202,6 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-trees", action="store_true", help="keep the generated trees")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/MKL threads of the child (default: unchanged)")
+    p.add_argument("--no-probes", action="store_true",
+                   help="pass --no-probes to the recipe (prepare and training only)")
     p.add_argument("--tree-workers", type=int, default=2, help="processes generating a tree")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -244,7 +253,7 @@ def bench_one(size: int, speakers: int, args: argparse.Namespace, out: Path) -> 
                "--test-split", str(tree / "test_split.txt"), "--preset", "cpu-quick",
                "--steps", str(args.steps), "--store", str(folder / "store"),
                "--max-audio-memory-mb", str(args.max_audio_memory_mb), "--workers", "2",
-               "--out", str(folder / "run")]
+               "--out", str(folder / "run")] + (["--no-probes"] if args.no_probes else [])
         # not --quiet: the progress lines (plain lines off a terminal) mark the phases
         env = dict(os.environ)
         if args.threads is not None:
@@ -271,6 +280,8 @@ def bench_one(size: int, speakers: int, args: argparse.Namespace, out: Path) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the child is killed and the temporary trees removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -282,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_table(rows)
     machine = f"{os.cpu_count()} CPU cores, {sys.platform}"
     header = (f"CPC recipe (cpu-quick, {args.steps} steps, --max-audio-memory-mb "
-              f"{args.max_audio_memory_mb}, 2 decode workers) on synthetic LibriSpeech-shaped "
+              f"{args.max_audio_memory_mb}, 2 decode workers"
+              f"{', no probes' if args.no_probes else ''}) on synthetic LibriSpeech-shaped "
               f"trees of 10-15 s utterances; {machine}. MB = peak resident memory (VmRSS summed "
               "over the recipe's process tree, polled every 50 ms) per phase; rank peak = the "
               "recipe process's own VmHWM.")

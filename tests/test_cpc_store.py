@@ -208,6 +208,7 @@ def test_bench_table_and_flag_validation():
         parse_args(["--sizes", "20", "--speakers-per-size", "11"])
     args = parse_args(["--sizes", "20,40", "--steps", "2"])
     assert args.sizes == [20, 40] and args.steps == 2 and args.speakers_per_size == [2, 2]
+    assert not args.no_probes and parse_args(["--no-probes"]).no_probes
 
 
 def test_a_store_finished_first_by_another_process_is_used(tmp_path, monkeypatch):
