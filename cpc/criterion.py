@@ -399,56 +399,56 @@ class CPCCriterion(nn.Module):
 
         The loss of step k is the mean over its queries (t < P, t + k < length_b) of
         ``-log softmax(l)_0`` with ``l = [q . z_{b,t+k}, q . z_{b',t'} ...] / temperature``
-        (dropped negatives: -inf). Masked sums rather than boolean indexing, so no host
-        synchronisation unless ``accuracy=True``.
+        (dropped negatives: -inf). Every step at once: the negatives of (b, t) are shared by
+        the K steps, so their logits are one batched product ``(K, C) x (C, N)`` per (b, t)
+        (the negatives read once, and their gradient formed once). Masked sums rather than
+        boolean indexing, so no host synchronisation unless ``accuracy=True``.
         """
         steps, batch, pframes, _ = predictions.shape
         frames = z.shape[1]
         device = z.device
         idx = sample_negatives(lengths, groups, pframes, self.n_negatives, steps,
                                self.exclude_near, generator)
-        seq, time = idx.unbind(-1)
+        seq, time = idx.unbind(-1)  # (B, P, N)
         dropped = time < 0
         # float32 accumulation for 16-bit inputs (float64 stays float64): the products and the
         # log-softmax in acc_dtype, the gradients cast back once
         acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         z = z.to(acc_dtype)
-        negatives = z[seq, time.clamp(min=0)]  # (B, P, N, C), shared by every step
-        step_losses, step_acc, step_n = [], [], []
-        total = z.new_zeros((), dtype=acc_dtype)
-        for k in range(1, steps + 1):
-            span = min(pframes, frames - k)
-            if span <= 0:
-                step_losses.append(total.new_zeros(()))
-                step_acc.append(total.new_full((), float("nan")))
-                step_n.append(torch.zeros((), dtype=torch.long, device=device))
-                continue
-            valid = (torch.arange(span, device=device)[None, :] + k) < lengths[:, None]
-            query = predictions[k - 1, :, :span].to(acc_dtype)  # (B, span, C)
-            positive = (query * z[:, k:k + span]).sum(-1, keepdim=True)  # (B, span, 1)
-            negative = torch.einsum("bpc,bpnc->bpn", query, negatives[:, :span])
-            logits = torch.cat([positive, negative], dim=-1) / self.temperature
-            logits = logits.masked_fill(F.pad(dropped[:, :span], (1, 0)), float("-inf"))
-            terms = -torch.log_softmax(logits, dim=-1)[..., 0]  # (B, span)
-            n = valid.sum()
-            step_loss = torch.where(valid, terms, torch.zeros_like(terms)).sum() / n.clamp(min=1)
-            total = total + step_loss
-            step_losses.append(step_loss.detach())
-            step_n.append(n)
-            if accuracy:
-                # a negative that is the positive's own frame (b' = b, t' = t + k) ties with it
-                # exactly, whatever the rounding of the two products
-                t = torch.arange(span, device=device)
-                same = (seq[:, :span] == torch.arange(batch, device=device)[:, None, None]) \
-                    & (time[:, :span] == (t + k)[None, :, None])
-                step_acc.append(self._accuracy_sampled(logits.detach(), valid, same.any(-1)))
-            else:
-                step_acc.append(total.new_full((), float("nan")))
+        # index_select (its backward is an index_add, several times faster on CPU than the
+        # accumulating index_put of advanced indexing)
+        flat = (seq * frames + time.clamp(min=0)).view(-1)
+        negatives = z.reshape(batch * frames, -1).index_select(0, flat).view(
+            *seq.shape, z.shape[2])  # (B, P, N, C)
+        query = predictions.to(acc_dtype).permute(1, 2, 0, 3)  # (B, P, K, C)
+        t = torch.arange(pframes, device=device)
+        ks = torch.arange(1, steps + 1, device=device)
+        target = t[:, None] + ks[None, :]  # (P, K): the positive's frame t + k
+        valid = target[None] < lengths[:, None, None]  # (B, P, K); lengths <= S
+        positives = z.index_select(1, target.clamp(max=frames - 1).view(-1)).view(
+            batch, pframes, steps, z.shape[2])  # (B, P, K, C); invalid ones unused
+        logits = torch.cat([(query * positives).sum(-1, keepdim=True),
+                            query @ negatives.transpose(2, 3)], dim=-1) / self.temperature
+        logits = logits.masked_fill(F.pad(dropped, (1, 0))[:, :, None, :], float("-inf"))
+        terms = -torch.log_softmax(logits, dim=-1)[..., 0]  # (B, P, K)
+        n = valid.sum((0, 1))  # (K,)
+        step_loss = torch.where(valid, terms, torch.zeros_like(terms)).sum((0, 1)) \
+            / n.clamp(min=1)
+        if accuracy:
+            # a negative that is the positive's own frame (b' = b, t' = t + k) ties with it
+            # exactly, whatever the rounding of the two products
+            own = seq == torch.arange(batch, device=device)[:, None, None]
+            offset = torch.where(own, time - t[None, :, None], torch.zeros_like(time))
+            tie = (offset[..., None] == ks).any(2)  # (B, P, K)
+            step_acc = [self._accuracy_sampled(logits[:, :, k].detach(), valid[:, :, k],
+                                               tie[:, :, k]) for k in range(steps)]
+        else:
+            step_acc = [logits.new_full((), float("nan"))] * steps
         return CPCLossOutput(
-            loss=self._reduce_steps(total, steps),  # float32 for 16-bit inputs
-            step_loss=torch.stack(step_losses).detach().float(),
+            loss=self._reduce_steps(step_loss.sum(), steps),  # float32 for 16-bit inputs
+            step_loss=step_loss.detach().float(),
             step_accuracy=torch.stack(step_acc).float(),
-            step_queries=torch.stack(step_n),  # on z's device: no host synchronisation
+            step_queries=n,  # on z's device: no host synchronisation
         )
 
     @torch.no_grad()
@@ -457,13 +457,13 @@ class CPCCriterion(nn.Module):
         """Fraction of about accuracy_rows evenly spaced valid queries whose positive logit is
         strictly above every negative's (ties count as wrong; ``tie``: a negative is the
         positive's frame)."""
-        correct = (logits[..., 0] > logits[..., 1:].amax(dim=-1)) & ~tie  # (B, span)
+        correct = (logits[..., 0] > logits[..., 1:].amax(dim=-1)) & ~tie  # (B, P)
         correct = correct[valid]  # query order: b, then t (host sync: logging steps only)
-        n = correct.numel()
-        if n == 0:
+        m = correct.numel()
+        if m == 0:
             return logits.new_full((), float("nan"))
-        want = min(n, max(1, self.accuracy_rows))
-        rows = torch.linspace(0, n - 1, want, device=logits.device).round().long()
+        want = min(m, max(1, self.accuracy_rows))
+        rows = torch.linspace(0, m - 1, want, device=logits.device).round().long()
         return correct[rows].float().mean()
 
     def _forward_global(self, predictions: torch.Tensor, z: torch.Tensor, lengths: torch.Tensor,
