@@ -184,15 +184,18 @@ def _label(utt: Any, label: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 class _Store:
     """float32 arrays by (kind, split, level): np.empty in RAM, or ``open_memmap`` files under
-    a private folder of ``work_dir`` (removed by :meth:`close`)."""
+    a private folder of ``work_dir`` (removed by :meth:`close`, and ``work_dir`` too when it
+    was created here and is left empty)."""
 
     def __init__(self, shapes: dict[tuple[str, str, str], tuple[int, int]], on_disk: bool,
                  work_dir: str | Path | None) -> None:
         self.folder: Path | None = None
+        self.created: Path | None = None  # work_dir when made here: removed again if empty
         self.arrays: dict[tuple[str, str, str], np.ndarray] = {}
         if on_disk:
-            if work_dir is not None:
-                Path(work_dir).mkdir(parents=True, exist_ok=True)
+            if work_dir is not None and not Path(work_dir).exists():
+                Path(work_dir).mkdir(parents=True)
+                self.created = Path(work_dir)
             self.folder = Path(tempfile.mkdtemp(prefix="probe_features_",
                                                 dir=None if work_dir is None else str(work_dir)))
         for key, shape in shapes.items():
@@ -214,6 +217,12 @@ class _Store:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
+        if self.created is not None:
+            try:
+                self.created.rmdir()  # only when empty
+            except OSError:
+                pass
+            self.created = None
 
 
 def _batches(lengths: Sequence[int], budget: int) -> list[list[int]]:

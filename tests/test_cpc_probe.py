@@ -17,6 +17,15 @@ from recipes.common.logging import RunLog
 PROBE = ProbeConfig(iterations=10)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: one intra-op thread is faster, and much faster on a busy 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed: int = 0, **kw) -> CPCModel:
     torch.manual_seed(seed)
     return CPCModel(CPCModelConfig(encoder_channels=16, context_dim=16, prediction_steps=2,
@@ -222,8 +231,14 @@ def test_disk_path_equals_ram_path(tmp_path, monkeypatch):
                          max_feature_bytes=1000, **kwargs)
     assert len(opened) == 12  # 3 kinds x 2 splits x 2 levels
     assert all(str(p).startswith(str(work)) and str(p).endswith(".npy") for p in opened)
-    assert list(work.iterdir()) == []  # deleted at the end
+    assert not work.exists()  # files deleted at the end, and the folder made for them
     assert disk == ram
+    work.mkdir()
+    (work / "keep.txt").write_text("x")
+    again, _ = run_probes(cpc_model=tiny_model(1), random_model=tiny_model(2), work_dir=work,
+                          max_feature_bytes=1000, **kwargs)
+    assert len(opened) == 24 and again == ram
+    assert [p.name for p in work.iterdir()] == ["keep.txt"]  # a folder given is left as it was
     assert set(ram["cpc"]) == {"phone", "speaker", "word"}
 
 
@@ -324,3 +339,16 @@ def test_bad_arguments_raise_before_reading():
     wrong = ProbeSplit(tr_utts, lambda i: tr_waves[i][:100], [w.numel() for w in tr_waves])
     with pytest.raises(ValueError, match="read returned shape"):
         run_probes(**{**base, "train": wrong})
+
+
+def test_utterance_shorter_than_a_frame_enters_no_utterance_probe():
+    tr_utts, tr_waves, te_utts, te_waves, _ = corpus()
+    tr_waves[3] = tr_waves[3][:150]  # no 10 ms frame: no features to pool
+    results, _ = run_probes(
+        cpc_model=tiny_model(1), random_model=tiny_model(2), train=split(tr_utts, tr_waves),
+        test=split(te_utts, te_waves), alignments=None, probe_labels=["word"],
+        probe_config=PROBE)
+    for kind in FEATURE_KINDS:
+        assert results[kind]["speaker"]["n_train"] == len(tr_utts) - 1
+        assert results[kind]["word"]["n_train"] == len(tr_utts) - 1
+        assert results[kind]["speaker"]["accuracy"] == results[kind]["speaker"]["accuracy"]  # no NaN
