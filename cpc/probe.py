@@ -60,15 +60,17 @@ def encode_batch(model: CPCModel, wave: torch.Tensor, lengths: torch.Tensor,
     Convolution l maps a valid length L to ``(L + 2 p_l - k_l) // s_l + 1`` frames (what the
     unpadded convolution produces). Its output frame j reads inputs ``[j s - p, j s - p + k)``,
     which for j below that length reach at most p positions past L: alone they are the conv's
-    zero padding, in a batch they are the next utterance's padding. So after every layer the
-    activations beyond that layer's valid length are set to 0 (otherwise they hold
-    ``relu(bias)`` and the next layer's last valid frames would read them). The GRU/LSTM is
-    causal, so valid frames stay exact after it.
+    zero padding; in a batch they are the row's padded tail, which after a layer holds
+    ``relu(bias)``, not 0. So after every layer the activations beyond that layer's valid length
+    are set to 0, and the next layer's last valid frames read what they read alone. The
+    GRU/LSTM is causal, so valid frames stay exact after it. The encoder is run here layer by
+    layer (``model.encoder.convs`` / ``.norms``, as :class:`cpc.model.Encoder` composes them).
 
     Args:
         model: a :class:`cpc.model.CPCModel` (its device is used).
         wave: (B, T) float waves, zero-padded (samples past ``lengths[b]`` are ignored).
-        lengths: (B,) integer valid samples per row, in [0, T].
+        lengths: (B,) integer valid samples per row, in [0, T] (checked when on the CPU; a
+            CUDA tensor is not read back, so the call does not synchronise).
         kind: "context" (c_t, the paper's probe input) or "encoder" (z_t).
 
     Returns:
