@@ -243,7 +243,8 @@ def _config_from_cpc_audio(config: dict[str, Any],
         predictor=rnn_mode, prediction_dropout=0.5 if config.get("dropout") else 0.0)
     if rnn_mode == "transformer":
         values["sequence_frames"] = config["sizeWindow"] // DOWNSAMPLING
-        values["predictor_ff"] = criterion["wPrediction.predictors.0.0.ffnetwork.lin1.weight"].shape[0]
+        lin1 = criterion["wPrediction.predictors.0.0.ffnetwork.lin1.weight"]
+        values["predictor_ff"] = lin1.shape[0]
     return CPCModelConfig(**values)
 
 

@@ -321,7 +321,7 @@ class CPCModel(nn.Module):
                 raise ValueError(
                     f"c.shape={tuple(c.shape)}: predictor='transformer' expects exactly "
                     f"sequence_frames={self.config.sequence_frames} frames")
-            c = c[:, :self.config.prediction_frames]
+            c = c[:, :self.config.prediction_frames].contiguous()  # read by K predictors
         return torch.stack([self.prediction_drop(p(c)) for p in self.predictors])
 
     @torch.no_grad()

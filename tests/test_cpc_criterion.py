@@ -322,7 +322,8 @@ def test_sampled_accuracy_ties_count_as_wrong_and_exact_keys_are_right():
         pred, z, generator=torch.Generator().manual_seed(0))
     assert torch.all(out.step_accuracy == 1)
     # CPC_audio's rule alone draws the positive's own frame as a negative at times: a tie
-    out = CPCCriterion("sequence", n_negatives=8)(pred, z, generator=torch.Generator().manual_seed(0))
+    out = CPCCriterion("sequence", n_negatives=8)(pred, z,
+                                                  generator=torch.Generator().manual_seed(0))
     assert torch.all(out.step_accuracy < 1)
 
 

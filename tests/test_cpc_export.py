@@ -68,7 +68,10 @@ def _cpc_audio_layer(x, sd, prefix, heads=8):
     att = torch.softmax(qk / math.sqrt(dk) + g("multihead.Att.mask"), dim=2)
     y = (att @ v).view(b, heads, w, dk).transpose(1, 2).reshape(b, w, c)
     y = y @ g("multihead.Wo.weight").T
-    ln = lambda t, n: torch.nn.functional.layer_norm(t, (c,), g(f"{n}.weight"), g(f"{n}.bias"))  # noqa: E731
+
+    def ln(t, n):
+        return torch.nn.functional.layer_norm(t, (c,), g(f"{n}.weight"), g(f"{n}.bias"))
+
     y = ln(x + y, "ln_multihead")
     h = torch.relu(y @ g("ffnetwork.lin1.weight").T + g("ffnetwork.lin1.bias"))
     return ln(y + h @ g("ffnetwork.lin2.weight").T + g("ffnetwork.lin2.bias"), "ln_ffnetwork")
