@@ -10,7 +10,9 @@ child's own output lines say which phase it is in ("decoding audio into the stor
 prepare, "model:" / "training" = train, anything naming features or probes afterwards = probe),
 so the peaks are reported per phase; the rank's own lifetime peak (VmHWM of the child) is
 reported besides the sum over its process tree. A sum of VmRSS counts pages shared between
-processes (libraries, the fork server) once per process: an upper bound.
+processes (libraries, the fork server) once per process: an upper bound; the peak of the
+summed PSS (``/proc/<pid>/smaps_rollup``, shared pages split between their users) is reported
+besides.
 
 Usage::
 
@@ -49,6 +51,14 @@ def _read_status(pid: int) -> dict[str, int]:
                     out[key] = int(value.split()[0])
     except (OSError, ValueError):
         return {}
+    try:  # PSS: shared pages (torch's libraries in every worker) split between their users
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    out["Pss"] = int(line.split()[1])
+                    break
+    except (OSError, ValueError):
+        pass
     return out
 
 
@@ -70,10 +80,10 @@ def _children_map() -> dict[int, list[int]]:
     return kids
 
 
-def tree_rss(pid: int) -> tuple[int, int]:
-    """(sum of VmRSS over ``pid`` and its descendants, VmHWM of ``pid``), in bytes."""
+def tree_rss(pid: int) -> tuple[int, int, int]:
+    """(sum of VmRSS over ``pid`` and its descendants, VmHWM of ``pid``, sum of PSS), bytes."""
     kids = _children_map()
-    todo, total, hwm = [pid], 0, 0
+    todo, total, hwm, pss = [pid], 0, 0, 0
     seen = set()
     while todo:
         p = todo.pop()
@@ -82,10 +92,11 @@ def tree_rss(pid: int) -> tuple[int, int]:
         seen.add(p)
         status = _read_status(p)
         total += status.get("VmRSS", 0) * 1024
+        pss += status.get("Pss", 0) * 1024
         if p == pid:
             hwm = status.get("VmHWM", 0) * 1024
         todo.extend(kids.get(p, []))
-    return total, hwm
+    return total, hwm, pss
 
 
 def run_measured(cmd: Sequence[str], *, phase_of: Callable[[str], str | None] | None = None,
@@ -96,7 +107,8 @@ def run_measured(cmd: Sequence[str], *, phase_of: Callable[[str], str | None] | 
     ``phase_of(line)`` maps each output line of the child (stdout and stderr merged) to a phase
     name, or None to stay in the current phase. Returns ``returncode``, ``seconds``,
     ``peak_rss_mb`` ({phase: peak MB of the tree's VmRSS sum while in it, "overall": ...}),
-    ``rank_peak_mb`` (the child's VmHWM) and ``tail`` (its last 40 output lines).
+    ``rank_peak_mb`` (the child's VmHWM), ``peak_pss_mb`` (peak of the tree's PSS sum: shared
+    pages counted once in all) and ``tail`` (its last 40 output lines).
     """
     if interval <= 0:
         raise ValueError(f"interval={interval!r}: expected a positive number of seconds")
@@ -121,12 +133,13 @@ def run_measured(cmd: Sequence[str], *, phase_of: Callable[[str], str | None] | 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     peaks: dict[str, float] = {"overall": 0.0}
-    rank_peak = 0
+    rank_peak = pss_peak = 0
     try:
         while True:
             done = proc.poll() is not None
-            rss, hwm = tree_rss(proc.pid) if not done else (0, 0)
+            rss, hwm, pss = tree_rss(proc.pid) if not done else (0, 0, 0)
             rank_peak = max(rank_peak, hwm)
+            pss_peak = max(pss_peak, pss)
             mb = rss / 2**20
             peaks["overall"] = max(peaks["overall"], mb)
             if state["phase"] is not None:
@@ -142,7 +155,8 @@ def run_measured(cmd: Sequence[str], *, phase_of: Callable[[str], str | None] | 
         if log:
             log.close()
     return {"returncode": proc.returncode, "seconds": time.perf_counter() - start,
-            "peak_rss_mb": peaks, "rank_peak_mb": rank_peak / 2**20, "tail": lines[-40:]}
+            "peak_rss_mb": peaks, "rank_peak_mb": rank_peak / 2**20,
+            "peak_pss_mb": pss_peak / 2**20, "tail": lines[-40:]}
 
 
 def recipe_phase() -> Callable[[str], str | None]:
@@ -175,13 +189,14 @@ def _fmt(value) -> str:
 def format_table(rows: Sequence[dict]) -> str:
     """A Markdown table of benchmark rows."""
     head = ("| size | utterances | hours | store GB | prepare MB | train MB | probe MB | "
-            "peak MB (all processes) | rank peak MB | seconds |")
+            "peak MB (all processes) | peak PSS MB | rank peak MB | seconds |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         p = r["peak_rss_mb"]
         lines.append(f"| {r['size']} | {r['utterances']} | {r['hours']:.2f} | {r['store_gb']:.3f} | "
                      f"{_fmt(p.get('prepare'))} | {_fmt(p.get('train'))} | {_fmt(p.get('probe'))} | "
-                     f"{_fmt(p.get('overall'))} | {_fmt(r.get('rank_peak_mb'))} | {r['seconds']:.1f} |")
+                     f"{_fmt(p.get('overall'))} | {_fmt(r.get('peak_pss_mb'))} | "
+                     f"{_fmt(r.get('rank_peak_mb'))} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -269,7 +284,8 @@ def bench_one(size: int, speakers: int, args: argparse.Namespace, out: Path) -> 
         return {"size": size, "speakers": speakers, "utterances": meta["n_utterances"],
                 "hours": meta["total_samples"] / meta["sample_rate"] / 3600,
                 "store_gb": store_bytes / 1e9, "peak_rss_mb": result["peak_rss_mb"],
-                "rank_peak_mb": result["rank_peak_mb"], "seconds": result["seconds"],
+                "rank_peak_mb": result["rank_peak_mb"], "peak_pss_mb": result["peak_pss_mb"],
+                "seconds": result["seconds"],
                 "tree_seconds": tree_seconds, "steps": args.steps,
                 "max_audio_memory_mb": args.max_audio_memory_mb,
                 "tree": str(tree) if args.keep_trees else None}
@@ -297,7 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{', no probes' if args.no_probes else ''}) on synthetic LibriSpeech-shaped "
               f"trees of 10-15 s utterances; {machine}. MB = peak resident memory (VmRSS summed "
               "over the recipe's process tree, polled every 50 ms) per phase; rank peak = the "
-              "recipe process's own VmHWM.")
+              "recipe process's own VmHWM; PSS = proportional set size summed over the tree (pages "
+              "shared between processes, such as torch's libraries in each decode worker, "
+              "counted once).")
     print()
     print(header)
     print(table)

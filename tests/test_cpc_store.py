@@ -188,6 +188,7 @@ def test_rss_poller_sees_a_child_and_its_descendant_allocate():
     assert peaks["a"] >= 40 and peaks["b"] >= 120 + peaks["a"] * 0  # the grandchild counted
     assert peaks["overall"] >= peaks["b"] and peaks["b"] > peaks["a"]
     assert result["seconds"] > 0.8
+    assert 120 <= result["peak_pss_mb"] <= peaks["overall"] + 1
 
 
 def test_bench_table_and_flag_validation():
@@ -195,9 +196,9 @@ def test_bench_table_and_flag_validation():
 
     rows = [{"size": 200, "utterances": 200, "hours": 0.69, "store_gb": 0.08,
              "peak_rss_mb": {"prepare": 300.0, "train": 500.0, "probe": 450.0, "overall": 510.0},
-             "rank_peak_mb": 480.0, "seconds": 61.2}]
+             "rank_peak_mb": 480.0, "seconds": 61.2}]  # no peak_pss_mb: shown as "-"
     table = format_table(rows)
-    assert "| 200 | 200 | 0.69 | 0.080 | 300 | 500 | 450 | 510 | 480 | 61.2 |" in table
+    assert "| 200 | 200 | 0.69 | 0.080 | 300 | 500 | 450 | 510 | - | 480 | 61.2 |" in table
     with pytest.raises(SystemExit):
         parse_args(["--sizes", "0,10"])
     with pytest.raises(SystemExit):
