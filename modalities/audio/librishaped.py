@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from os import PathLike
 from pathlib import Path
