@@ -136,14 +136,18 @@ def run_measured(cmd: Sequence[str], *, phase_of: Callable[[str], str | None] | 
     rank_peak = pss_peak = 0
     try:
         while True:
+            # the phase as it was before this sample: a line announcing the next phase is
+            # printed after the previous one ended, so a sample taken while the line is read
+            # still belongs to the earlier phase
+            phase = state["phase"]
             done = proc.poll() is not None
             rss, hwm, pss = tree_rss(proc.pid) if not done else (0, 0, 0)
             rank_peak = max(rank_peak, hwm)
             pss_peak = max(pss_peak, pss)
             mb = rss / 2**20
             peaks["overall"] = max(peaks["overall"], mb)
-            if state["phase"] is not None:
-                peaks[state["phase"]] = max(peaks.get(state["phase"], 0.0), mb)
+            if phase is not None:
+                peaks[phase] = max(peaks.get(phase, 0.0), mb)
             if done:
                 break
             time.sleep(interval)
