@@ -5,22 +5,45 @@ Resolution order (later wins): the preset's values, then the ``--config`` file, 
 command-line flags.
 
 Presets:
-- ``paper``: Oord et al. 2018 / CPC_audio's training setup: 512-channel encoder, GRU 256,
-  12 linear predictors, 20480-sample windows, Adam at 2e-4, batch 8 per process, negatives
-  from the whole batch (the paper's "mixed speaker" setting of its 64.6 % phone result).
+- ``paper``: Oord et al. 2018's model and optimiser as CPC_audio runs them: 512-channel encoder
+  without normalisation, GRU 256, 12 linear predictors, 20480-sample windows, Adam at 2e-4,
+  batch 8 per process, negatives from the whole batch (the paper's "mixed speaker" setting of
+  its 64.6 % phone result), 50 random frames per utterance in the phone probe.
+- ``cpc_audio``: facebookresearch/CPC_audio's defaults (``cpc_default_config.py``): a
+  256-channel encoder with channel ("layerNorm") normalisation, LSTM 256, a one-layer causal
+  transformer predictor per step (8 heads, relative positions), 128 negatives sampled per
+  query from the batch, one speaker per batch (its ``samespeaker`` sampler), scores averaged
+  over the feature dimension (dot / 256), the 12 step losses summed, Adam at 2e-4 without
+  warm-up or schedule, batch 8 x 20480 per process.
 - ``cpu-quick``: what fits the no-argument run in 10 minutes on a 2-core CPU: the same
-  architecture (5 strided convs, GRU 256, 12 linear predictors, same-speaker negatives, 2 speakers x 8 sequences per batch) with a
-  128-channel encoder (16x fewer encoder FLOPs) and channel-wise normalisation, 5120-sample
-  windows, batch 16, Adam at 1e-3 with 50 warm-up steps and gradient clipping, and a training
-  time limit of 420 s (``train_seconds``; the steps actually done are reported). Same
-  objective, same probes.
+  architecture (5 strided convs, GRU 256, 12 linear predictors, same-speaker negatives, 2
+  speakers x 8 sequences per batch) with a 128-channel encoder (16x fewer encoder FLOPs) and
+  channel-wise normalisation, 5120-sample windows, batch 16, Adam at 1e-3 with 50 warm-up steps
+  and gradient clipping. Same objective, same probes.
 - ``auto`` (the default): ``paper`` on CUDA, ``cpu-quick`` on CPU. The resolved preset is
   printed at start.
+
+Where ``paper`` departs from the paper and from CPC_audio (see also the README):
+
+    setting            paper (Oord et al.)     CPC_audio default          preset paper
+    encoder norm       none                    layerNorm (channel)        none
+    context            GRU 256                 LSTM 256                   GRU 256
+    predictor          linear W_k              transformer per k          linear W_k
+    negatives          not stated exactly      128 sampled, same speaker  every frame of the batch
+    score              z^T W_k c               mean over dim (dot / C)    z^T W_k c
+    step losses        not stated              summed over k              mean over k
+    batch / window     8 x 20480 per GPU       8 x 20480 per GPU          8 x 20480 per process
+    optimiser          Adam 2e-4               Adam 2e-4                  Adam 2e-4
+
+(``mean over k`` is ``sum over k`` / 12: with Adam, whose steps do not scale with the loss,
+the two differ only through gradient clipping and epsilon; ``--step-reduction sum`` gives
+CPC_audio's.)
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cpc.model import CPCModelConfig
@@ -28,7 +51,7 @@ from recipes.common.evaluation import ProbeConfig
 from recipes.common.config import check_int, layered_config
 from recipes.common.config import read_config_file  # noqa: F401  (the recipe imports it from here)
 
-PRESETS = ("auto", "paper", "cpu-quick")
+PRESETS = ("auto", "paper", "cpu-quick", "cpc_audio")
 
 
 @dataclass
@@ -43,6 +66,11 @@ class CPCSpeechConfig:
     corpus_speakers: int = 8  # generated corpus (no --data / --manifest)
     corpus_utterances: int = 24
     corpus_seconds: list[float] = field(default_factory=lambda: [2.0, 4.0])
+    train_split: str | None = None  # utterance ids to train on (the CPC paper's train_split.txt)
+    test_split: str | None = None  # utterance ids held out (test_split.txt): probes, validation
+    store: str | None = None  # int16 audio store folder; None: <out>/audio_store
+    max_audio_memory_mb: int = 4000  # audio held in RAM per process; more is read from disk
+    workers: int = -1  # processes decoding audio into the store; -1: auto, 0: in-process
     # training
     steps: int = 100000
     batch_size: int = 8  # per process
@@ -52,8 +80,11 @@ class CPCSpeechConfig:
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0: off
     negatives: str = "batch"  # batch (paper's headline) | sequence | speaker | global (all ranks)
+    n_negatives: int = 0  # negatives sampled per query (CPC_audio: 128); 0: every frame of the group
+    exclude_near: int | None = None  # sampled negatives never within this many frames of a positive
+    step_reduction: str = "mean"  # mean | sum (CPC_audio) of the per-step losses
     temperature: float = 1.0
-    similarity: str = "dot"  # dot (paper) | cosine (see cpc.criterion)
+    similarity: str = "dot"  # dot (paper) | mean (CPC_audio: dot / C) | cosine (see cpc.criterion)
     model: CPCModelConfig = field(default_factory=CPCModelConfig)
     device: str = "auto"
     seed: int = 0
@@ -61,6 +92,9 @@ class CPCSpeechConfig:
     train_seconds: float = 0.0  # stop training after this long (checkpointed); 0: no limit
     log_every: int = 10
     checkpoint_every: int = 1000
+    val_windows: int = 64  # held-out windows scored at every checkpoint (loss/accuracy per k); 0: off
+    prefetch: int = 2  # batches read ahead in a background thread
+    export: str | None = None  # "cpc_audio": write <out>/cpc_audio.pt after training
     # evaluation
     probe_labels: list[str] = field(default_factory=list)  # manifest label columns
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -76,6 +110,20 @@ def preset_values(name: str) -> dict[str, Any]:
         # 100 h of LibriSpeech is 36M frames: keep 50 random frames per utterance for the
         # frame-level probe (about 1.4M frames), the same frames for every feature kind
         return {"probe_frames_per_utterance": 50}
+    if name == "cpc_audio":
+        return {
+            "batch_size": 8,
+            "speakers_per_batch": 1,  # its samespeaker sampler: one speaker per batch
+            "window": 20480,
+            "lr": 2e-4,
+            "negatives": "speaker",
+            "n_negatives": 128,
+            "similarity": "mean",
+            "step_reduction": "sum",
+            "probe_frames_per_utterance": 50,
+            "model": {"encoder_channels": 256, "encoder_norm": "channel", "context": "lstm",
+                      "context_dim": 256, "predictor": "transformer", "prediction_steps": 12},
+        }
     if name == "cpu-quick":
         return {
             "steps": 3000,
@@ -105,7 +153,10 @@ def build_config(file_values: dict[str, Any] | None = None,
     config = layered_config(CPCSpeechConfig(), PRESETS, preset_values, file_values, overrides,
                             cuda=cuda, gpu_preset="paper", cpu_preset="cpu-quick")
     # re-run the nested validations on the final values
-    config.model = CPCModelConfig(**dataclasses.asdict(config.model))
+    model = dataclasses.asdict(config.model)
+    if "sequence_frames" in model:  # derived: the frames of one training window
+        model["sequence_frames"] = config.window // 160
+    config.model = CPCModelConfig(**model)
     config.probe = ProbeConfig(**dataclasses.asdict(config.probe))
     validate(config)
     return config
@@ -115,9 +166,37 @@ def validate(config: CPCSpeechConfig) -> None:
     from cpc.criterion import NEGATIVE_MODES
 
     positive = ("steps", "batch_size", "speakers_per_batch", "window", "log_every",
-                "checkpoint_every", "corpus_speakers", "corpus_utterances")
+                "checkpoint_every", "corpus_speakers", "corpus_utterances", "max_audio_memory_mb")
     for name in positive:
         check_int(name, getattr(config, name))
+    for name in ("n_negatives", "val_windows", "prefetch"):
+        check_int(name, getattr(config, name), zero=True)
+    if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < -1:
+        raise ValueError(f"workers={config.workers!r}: expected -1 (auto), 0 (in-process) or a "
+                         "positive number of processes")
+    if config.exclude_near is not None:
+        check_int("exclude_near", config.exclude_near, zero=True)
+        if not config.n_negatives:
+            raise ValueError(f"exclude_near={config.exclude_near!r}: only applies to sampled "
+                             "negatives; expected n_negatives > 0 as well")
+    if config.step_reduction not in ("mean", "sum"):
+        raise ValueError(f"step_reduction={config.step_reduction!r}: expected 'mean' or 'sum'")
+    if config.similarity not in ("dot", "mean", "cosine"):
+        raise ValueError(f"similarity={config.similarity!r}: expected 'dot', 'mean' or 'cosine'")
+    if config.n_negatives and config.negatives == "global":
+        raise ValueError(f"n_negatives={config.n_negatives!r} with negatives='global': sampled "
+                         "negatives are drawn within each process's batch; expected "
+                         "n_negatives=0 (every frame of every rank) or another negatives mode")
+    if config.export not in (None, "cpc_audio"):
+        raise ValueError(f"export={config.export!r}: expected 'cpc_audio' or none")
+    if (config.train_split is None) != (config.test_split is None):
+        raise ValueError(f"train_split={config.train_split!r}, test_split={config.test_split!r}: "
+                         "expected both split files or neither")
+    for name in ("train_split", "test_split"):
+        value = getattr(config, name)
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{name}={value!r}: no such file; expected a list of utterance ids, "
+                             "one per line (the CPC paper's train_split.txt / test_split.txt)")
     if config.window % 160:
         raise ValueError(f"window={config.window!r}: expected a multiple of 160 (one frame is "
                          "160 samples)")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -48,15 +49,19 @@ import torch
 
 from recipes.cpc_config import CPCSpeechConfig, build_config, read_config_file
 from cpc.criterion import CPCCriterion
-from cpc.data import (BadAudioError, SpeakerBalancedBatchSampler, WindowDataset, load_utterances,
-                      resolve_utterances)
+from cpc.data import (BadAudioError, BatchPrefetcher, SpeakerBalancedBatchSampler, WindowDataset,
+                      _generator, resolve_utterances)
+from cpc.export import export_cpc_audio
 from cpc.model import CPCModel, count_parameters
+from cpc.probe import ProbeSplit, run_probes
+from cpc.store import AudioStore, prepare_store, shard_indices
+from modalities.audio import read_alignments
 from recipes.common.evaluation import ProbeConfig, linear_probe
 from recipes.common import distributed as D
 from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
 from recipes.common.cli import add_resume_arguments, cli_main
 from recipes.common.logging import MetricsLog, RunLog, format_table
-from recipes.common.plots import plot_probes, plot_training
+from recipes.common.plots import plot_probes, plot_step_curves, plot_training
 from recipes.common.rundir import open_run, write_config
 
 CHECKPOINT = "checkpoint.pt"
@@ -64,7 +69,8 @@ FEATURE_KINDS = ("cpc", "mfcc", "random_init")
 # settings a resumed run may change without changing what training computes up to its stop:
 # the schedule does not depend on ``steps`` (see lr_at), and the probes run after training
 RESUMABLE = ("steps", "train_seconds", "device", "threads", "out", "log_every",
-             "checkpoint_every", "preset", "alignments", "probe_labels", "probe",
+             "checkpoint_every", "preset", "store", "max_audio_memory_mb", "workers", "prefetch",
+             "val_windows", "export", "alignments", "probe_labels", "probe",
              "probe_max_seconds", "probe_frames_per_utterance")
 BUILTIN_PROBES = ("phone", "speaker")
 
@@ -97,9 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_resume_arguments(p)
     p.add_argument("--config", help="YAML or JSON file with CPCSpeechConfig fields (nested "
                    "'model' and 'probe' mappings); flags given on the command line override it.")
-    p.add_argument("--preset", choices=["auto", "paper", "cpu-quick"], help="base settings: "
-                   "'paper' (Oord et al.), 'cpu-quick' (fits 10 min on 2 CPU cores), 'auto' "
-                   "(paper on CUDA, cpu-quick on CPU; the default).")
+    p.add_argument("--preset", choices=["auto", "paper", "cpu-quick", "cpc_audio"],
+                   help="base settings: 'paper' (Oord et al.), 'cpc_audio' (facebookresearch/"
+                   "CPC_audio's defaults: LSTM context, transformer predictors, 128 sampled "
+                   "same-speaker negatives, summed step losses), 'cpu-quick' (fits 10 min on 2 "
+                   "CPU cores), 'auto' (paper on CUDA, cpu-quick on CPU; the default). See "
+                   "recipes/cpc_config.py for every value and where each departs from the paper.")
     p.add_argument("--probe", help="comma-separated manifest label columns to probe at the "
                    "utterance level (e.g. 'gender,accent'); 'speaker' (always probed when the "
                    "utterances have speakers) and 'phone' (with alignments) are accepted too. "
@@ -115,7 +124,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "of one process on the concatenated batch). Without torchrun (one process) "
                    "'global' is 'batch'. Default: the preset's (paper: batch, cpu-quick: "
                    "speaker).")
+    p.add_argument("--n-negatives", type=int, help="negatives sampled per query, as CPC_audio "
+                   "draws them (a random sequence of the query's group, a random frame of it; "
+                   "cpc_audio preset: 128); 0: every frame of the group is a negative (the "
+                   "fused loss). Not with --negatives global.")
+    p.add_argument("--exclude-near", type=int, help="with sampled negatives: never draw a "
+                   "negative from the query's own sequence within this many frames of any "
+                   "step's positive (default: no exclusion, as CPC_audio).")
+    p.add_argument("--step-reduction", choices=["mean", "sum"], help="how the K per-step "
+                   "losses make the loss: 'sum' (CPC_audio) or 'mean' (paper and cpu-quick "
+                   "presets).")
     p.add_argument("--lr", type=float, help="Adam learning rate.")
+    p.add_argument("--train-split", help="file of utterance ids to train on, one per line (the "
+                   "CPC paper's train_split.txt); needs --test-split. Utterances in neither list "
+                   "are left out.")
+    p.add_argument("--test-split", help="file of held-out utterance ids (the CPC paper's "
+                   "test_split.txt): probe test set and validation windows.")
+    p.add_argument("--store", help="folder of the int16 audio store every utterance is decoded "
+                   "into once (reused by later runs over the same files, refused if it holds "
+                   "other files). Default: <out>/audio_store.")
+    p.add_argument("--max-audio-memory-mb", type=int, help="audio each process holds in RAM "
+                   "(its shard of the training utterances, as int16); a larger shard is read "
+                   "from the store window by window instead (CPC_audio's --max_size_loaded). "
+                   "Default 4000.")
+    p.add_argument("--workers", type=int, help="processes decoding audio into the store; 0: "
+                   "in this process; -1 (default): up to 8 when there are more than 256 "
+                   "utterances, else 0.")
+    p.add_argument("--val-windows", type=int, help="held-out windows scored at every "
+                   "checkpoint (loss and accuracy per prediction step, in metrics.jsonl and "
+                   "validation.png); 0: off. Default 64.")
+    p.add_argument("--export", choices=["cpc_audio"], help="after training, also write "
+                   "<out>/cpc_audio.pt in facebookresearch/CPC_audio's checkpoint layout "
+                   "(config, weights, criterion with every predictor).")
     p.add_argument("--no-probes", action="store_true", help="train only; skip the probes.")
     p.add_argument("--quiet", action="store_true", help="no progress display (a bar on a "
                    "terminal, otherwise one plain line per logging interval).")
@@ -129,6 +169,11 @@ def config_from_args(args: argparse.Namespace) -> CPCSpeechConfig:
         "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
         "window": args.window, "device": args.device, "preset": args.preset,
         "strict": args.strict, "seed": args.seed, "negatives": args.negatives, "lr": args.lr,
+        "n_negatives": args.n_negatives, "exclude_near": args.exclude_near,
+        "step_reduction": args.step_reduction, "train_split": args.train_split,
+        "test_split": args.test_split, "store": args.store,
+        "max_audio_memory_mb": args.max_audio_memory_mb, "workers": args.workers,
+        "val_windows": args.val_windows, "export": args.export,
         "probe_labels": [s.strip() for s in args.probe.split(",") if s.strip()]
         if args.probe else None,
     }
@@ -219,32 +264,61 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         phones_path = Path(config.alignments)
     if not utts:
         raise ValueError(f"{source}: no utterances found; expected audio files")
-    from modalities.audio import holdout_split
-
-    train_utts, test_utts = holdout_split(utts, test_fraction=0.2, seed=config.seed)
+    train_utts, test_utts, split_note = split_utterances(utts, config)
     if not args.no_probes:  # every probe label known before any audio is decoded
         check_probe_labels(config.probe_labels, train_utts, phones_path is not None, source)
-    train_utts, train_waves, train_report = load_utterances(
-        train_utts, strict=config.strict, progress=bars)
+    log(f"data: {source}: {len(utts)} utterances, {split_note}, "
+        f"{len(set(u.speaker for u in utts))} speakers")
+
+    # every utterance decoded once into the int16 store (rank 0 first; the other ranks then
+    # find it on a shared filesystem, or build their own identical copy on a local one)
+    store_dir = Path(config.store) if config.store else out / "audio_store"
+    all_utts = train_utts + test_utts
+    workers = config.workers if config.workers >= 0 else \
+        (min(8, os.cpu_count() or 1) if len(all_utts) > 256 else 0)
+    if info.is_main:
+        bar = log.progress(len(all_utts), "decoding audio into the store", unit="utt")
+        report = prepare_store(all_utts, store_dir, workers=workers, strict=config.strict,
+                               progress=lambda done, total: bar.update(done - bar.n))
+        bar.close()
+    D.barrier(info)
+    if not info.is_main:
+        report = prepare_store(all_utts, store_dir, workers=workers, strict=config.strict)
+    position = {utt_id: i for i, utt_id in enumerate(_store_ids(store_dir))}
+    train_utts = [u for u in train_utts if u.id in position]
+    test_utts = [u for u in test_utts if u.id in position]
     if not train_utts:
         raise ValueError(f"{source}: no readable training audio; expected at least one file")
     data_seconds = time.perf_counter() - t0
-    log(f"data: {source}: {len(utts)} utterances, {len(train_utts)} train / "
-        f"{len(test_utts)} held out, {len(set(u.speaker for u in utts))} speakers "
-        f"({data_seconds:.1f}s)")
+    log(f"audio store {store_dir}: {report.n_utterances} utterances, "
+        f"{report.total_samples / 16000 / 3600:.2f} h, "
+        f"{'reused' if report.reused else f'written in {report.seconds:.1f}s'}"
+        + (f", {len(report.skipped)} unreadable files skipped" if report.skipped else "")
+        + f" ({data_seconds:.1f}s)")
 
-    dataset = WindowDataset(train_waves, [u.speaker for u in train_utts], config.window)
-    sampler = SpeakerBalancedBatchSampler([u.speaker for u in train_utts], config.batch_size,
+    # this process trains on its shard (whole speakers per rank), held in RAM up to the cap
+    shard = [train_utts[i] for i in
+             shard_indices([u.speaker for u in train_utts], info.rank, info.world_size)]
+    cap = config.max_audio_memory_mb * 2 ** 20
+    shard_positions = [position[u.id] for u in shard]
+    train_store = AudioStore(store_dir, indices=shard_positions, max_bytes_in_memory=cap)
+    dataset = WindowDataset.from_store(train_store, shard_positions, [u.speaker for u in shard],
+                                       config.window)
+    sampler = SpeakerBalancedBatchSampler([u.speaker for u in shard], config.batch_size,
                                           config.speakers_per_batch, seed=config.seed,
                                           rank=info.rank)
+    log(f"rank {info.rank}: {len(shard)} training utterances, audio "
+        + (f"in memory ({train_store.resident_bytes / 2 ** 20:.0f} MB)" if train_store.in_memory
+           else f"read from disk window by window (more than --max-audio-memory-mb "
+                f"{config.max_audio_memory_mb})"))
 
     # ---- model
     torch.manual_seed(config.seed)
     model = CPCModel(config.model).to(device)
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     # "global" gathers the keys over every rank (the default group); other modes ignore it
-    criterion = CPCCriterion(config.negatives, config.temperature, similarity=config.similarity,
-                             process_group=torch.distributed.group.WORLD if info.enabled else None)
+    criterion = make_criterion(config, process_group=torch.distributed.group.WORLD
+                               if info.enabled else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     log(f"model: {count_parameters(model) / 1e6:.2f}M parameters; "
          f"{dataset.n_short} training utterances shorter than the window (padded, masked)")
@@ -264,6 +338,14 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    val = None
+    if info.is_main and config.val_windows and test_utts:
+        # read once, window by window (cap 0: nothing else of the held-out audio in RAM)
+        val_store = AudioStore(store_dir, indices=[position[u.id] for u in test_utts],
+                               max_bytes_in_memory=0)
+        val = Validation(config, test_utts, val_store, [position[u.id] for u in test_utts], device)
+        del val_store
+
     def save(step: int) -> None:
         if not info.is_main:
             return
@@ -273,9 +355,17 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "initial_model": initial_state,
-            "sampler": sampler.state_dict(),
+            # batches are a function of (seed, step, rank): the step is the sampler's state
+            # (the prefetcher's own position runs ahead of training)
+            "sampler": {"position": step},
             "rng": rng_state(),
         }, out / CHECKPOINT)
+        if val is not None and step > start_step:
+            record = val.evaluate(model, step)
+            metrics.write(record)
+            log(f"validation at step {step}: loss {record['val_loss']:.4f}, accuracy per k "
+                + " ".join(f"{a:.2f}" for a in record["val_step_accuracy"]))
+            model.train()
 
     # ---- training
     t_train = time.perf_counter()
@@ -284,47 +374,59 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
                        every=config.log_every)
     last: dict[str, Any] = {}
     windows_seen = 0
-    batches = iter(sampler)
+    batches = BatchPrefetcher(dataset, sampler, seed=config.seed, rank=info.rank,
+                              depth=config.prefetch) if config.prefetch else None
     stopped_early = False
-    for step in range(start_step, config.steps):
-        if config.train_seconds and D.time_is_up(t_train, config.train_seconds, info, device):
-            stopped_early = True
-            save(step)
-            log(f"training time limit ({config.train_seconds:.0f}s) reached after "
-                f"{step} steps")
-            break
-        indices = next(batches)
-        batch = dataset.collate(indices, step, seed=config.seed, rank=info.rank)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        done = step + 1
-        logging = done % config.log_every == 0 or done == config.steps or done == start_step + 1
-        z, c, predictions = train_model(batch.wave.to(device), predict=True)
-        out_loss = criterion(predictions, z, batch.lengths.to(device), batch.speakers.to(device),
-                             accuracy=logging)
-        optimizer.zero_grad(set_to_none=True)
-        out_loss.loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        windows_seen += len(indices) * info.world_size
-        if logging:
-            # means over ranks: with "global" negatives each rank's loss is R x its share,
-            # so the mean is the loss of the global batch
-            loss = D.all_reduce_mean(out_loss.loss.detach(), info)
-            step_loss = D.all_reduce_mean(out_loss.step_loss, info)
-            acc = D.all_reduce_mean(out_loss.step_accuracy, info)
-            last = {"step": done, "loss": float(loss), "lr": lr_at(step, config),
-                    "step_loss": [round(float(x), 6) for x in step_loss],
-                    "step_accuracy": [round(float(x), 4) for x in acc],
-                    "elapsed_s": round(time.perf_counter() - t_train, 2)}
-            if info.is_main:
-                metrics.write(last)
-        # the postfix of the last logged step (logging steps are multiples of log_every)
-        bar.update(1, **({"loss": last["loss"], "acc1": last["step_accuracy"][0]}
-                         if last else {}))
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            save(done)
+    step = start_step
+    try:
+        for step in range(start_step, config.steps):
+            if config.train_seconds and D.time_is_up(t_train, config.train_seconds, info, device):
+                stopped_early = True
+                save(step)
+                log(f"training time limit ({config.train_seconds:.0f}s) reached after "
+                    f"{step} steps")
+                break
+            if batches is not None:
+                drawn, batch = next(batches)
+                assert drawn == step, (drawn, step)
+                indices = batch.indices
+            else:
+                indices = sampler.batch(step)
+                batch = dataset.collate(indices, step, seed=config.seed, rank=info.rank)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            done = step + 1
+            logging = done % config.log_every == 0 or done == config.steps or done == start_step + 1
+            z, c, predictions = train_model(batch.wave.to(device), predict=True)
+            out_loss = criterion(predictions, z, batch.lengths.to(device), batch.speakers.to(device),
+                                 accuracy=logging,
+                                 generator=step_generator(config.seed, step, info.rank, device))
+            optimizer.zero_grad(set_to_none=True)
+            out_loss.loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            windows_seen += len(indices) * info.world_size
+            if logging:
+                # means over ranks: with "global" negatives each rank's loss is R x its share,
+                # so the mean is the loss of the global batch
+                loss = D.all_reduce_mean(out_loss.loss.detach(), info)
+                step_loss = D.all_reduce_mean(out_loss.step_loss, info)
+                acc = D.all_reduce_mean(out_loss.step_accuracy, info)
+                last = {"step": done, "loss": float(loss), "lr": lr_at(step, config),
+                        "step_loss": [round(float(x), 6) for x in step_loss],
+                        "step_accuracy": [round(float(x), 4) for x in acc],
+                        "elapsed_s": round(time.perf_counter() - t_train, 2)}
+                if info.is_main:
+                    metrics.write(last)
+            # the postfix of the last logged step (logging steps are multiples of log_every)
+            bar.update(1, **({"loss": last["loss"], "acc1": last["step_accuracy"][0]}
+                             if last else {}))
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                save(done)
+    finally:
+        if batches is not None:
+            batches.close()
     bar.close()
     train_seconds = time.perf_counter() - t_train
     D.barrier(info)
@@ -341,157 +443,182 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
         "start_step": start_step,
         "train_utterances": len(train_utts),
         "held_out_utterances": len(test_utts),
-        "skipped_files": train_report.n_skipped,
-        "skipped": train_report.skipped,
+        "skipped_files": len(report.skipped),
+        "skipped": report.skipped,
+        "split": split_note,
+        "store": {"folder": str(store_dir), "utterances": report.n_utterances,
+                  "hours": round(report.total_samples / 16000 / 3600, 3),
+                  "audio_in_memory": train_store.in_memory,
+                  "resident_audio_mb": round(train_store.resident_bytes / 2 ** 20, 1)},
         "short_utterances_padded": dataset.n_short,
         "train_seconds": round(train_seconds, 1),
         "windows_per_second": round(windows_seen / train_seconds, 2) if train_seconds else None,
         "final_loss": last.get("loss"),
         "final_step_accuracy": last.get("step_accuracy"),
     }
+    records = metrics.read() if info.is_main else []
+    validation = [r for r in records if "val_loss" in r]
+    if validation:
+        summary["validation"] = validation[-1]
     results: dict[str, Any] = {}
     if info.is_main:
+        if config.export == "cpc_audio":
+            path = export_cpc_audio(
+                model, out / "cpc_audio.pt", window=config.window, negatives=config.negatives,
+                n_negatives=config.n_negatives, lr=config.lr, warmup_steps=config.warmup_steps,
+                steps=summary["steps_done"], batch_size=config.batch_size * info.world_size,
+                similarity=config.similarity, step_reduction=config.step_reduction,
+                training_config=config.to_dict())
+            summary["export"] = str(path)
+            log(f"exported the model in CPC_audio's checkpoint layout: {path}")
         if not args.no_probes:
             t_probe = time.perf_counter()
+            del dataset, train_store  # the probe store below holds what it needs
             random_model = CPCModel(config.model)
             random_model.load_state_dict(initial_state)
-            results, probe_skipped = run_probes(
-                config, model.eval(), random_model, train_utts, train_waves,
-                test_utts, phones_path, log, device)
-            summary["skipped_files"] += len(probe_skipped)
-            summary["skipped"] += probe_skipped
+            # each utterance is read once: straight from disk, nothing held
+            probe_store = AudioStore(store_dir, max_bytes_in_memory=0)
+            alignments = read_alignments(phones_path) \
+                if phones_path is not None and Path(phones_path).is_file() else None
+            results, skipped_probes = run_probes(
+                cpc_model=model.eval(), random_model=random_model,
+                train=_probe_split(train_utts, probe_store, position),
+                test=_probe_split(test_utts, probe_store, position), alignments=alignments,
+                probe_labels=config.probe_labels, probe_config=ProbeConfig(**asdict(config.probe)),
+                frames_per_utterance=config.probe_frames_per_utterance,
+                max_seconds=config.probe_max_seconds, seed=config.seed, device=device, log=log,
+                work_dir=out / "probe_features",
+                # on a CPU one long padded batch costs more than it saves (measured: 20 s of
+                # audio per batch was no slower than one utterance at a time, 160 s was 1.6x)
+                batch_seconds=160.0 if device.type == "cuda" else 20.0)
+            summary["skipped_probes"] = skipped_probes
             summary["probe_seconds"] = round(time.perf_counter() - t_probe, 1)
-            (out / "probes.json").write_text(json.dumps(results, indent=2) + "\n")
+            (out / "probes.json").write_text(json.dumps(
+                {**results, "skipped": skipped_probes}, indent=2) + "\n")
             accuracies = {kind: {label: r["accuracy"] for label, r in results[kind].items()}
                           for kind in results}
-            plot_probes(accuracies, out / "probes.png")
-        plot_training(metrics.read(), out / "training.png")
+            if any(accuracies.values()):
+                plot_probes(accuracies, out / "probes.png")
+        plot_training(records, out / "training.png")
+        if validation:
+            plot_step_curves(validation, ["val_step_loss", "val_step_accuracy"],
+                             out / "validation.png", title="held-out windows at each checkpoint")
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_report(summary, results)
     return {"summary": summary, "probes": results, "out": str(out), "model": model}
 
 
-@torch.no_grad()
-def _features(utts: Sequence, waves: Sequence[torch.Tensor], models: dict[str, CPCModel],
-              frame_index: Sequence[torch.Tensor | None], max_samples: int,
-              device: torch.device, log: RunLog | None = None, desc: str = "probe features"
-              ) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]:
-    """Per kind: (mean-pooled features (D,) per utterance, frame features at ``frame_index``
-    per utterance, or None where the utterance has no frame labels). Only the selected frames
-    are kept, so probing a large corpus stays within memory."""
-    from modalities.audio import mfcc
-
-    out = {k: ([], []) for k in FEATURE_KINDS}
-    # a bar on a terminal, plain lines in a file or pipe (log=None: silent)
-    bar = (log or RunLog(None, enabled=False)).progress(len(utts), desc, unit="utt")
-    for i in range(len(utts)):
-        wave = waves[i][:max_samples] if max_samples else waves[i]
-        for kind in FEATURE_KINDS:
-            if kind == "mfcc":
-                f = mfcc(wave).float()
-            else:
-                f = models[kind].features(wave[None].to(device))[0].float().cpu()
-            out[kind][0].append(f.mean(0))
-            idx = frame_index[i]
-            out[kind][1].append(None if idx is None else f[idx.clamp(max=f.shape[0] - 1)])
-        bar.update(1)
-    bar.close()
-    return out
+def _store_ids(folder: Path) -> list[str]:
+    """The ids of the utterances a prepared store holds, in store order (``store.json``)."""
+    return json.loads((Path(folder) / "store.json").read_text())["ids"]
 
 
-def _frame_index(utts: Sequence, waves: Sequence[torch.Tensor], alignments, cap: int,
-                 max_samples: int, seed: int) -> list[torch.Tensor | None]:
-    """Which frames of each utterance enter the frame-level probe: all labelled frames, or a
-    seeded random subset of ``cap`` of them; the same frames for every feature kind."""
-    index: list[torch.Tensor | None] = []
-    for i, (utt, wave) in enumerate(zip(utts, waves)):
-        if alignments is None or utt.id not in alignments:
-            index.append(None)
-            continue
-        n_samples = min(wave.numel(), max_samples) if max_samples else wave.numel()
-        n = min(n_samples // 160, alignments[utt.id].numel())
-        if cap and n > cap:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            index.append(torch.randperm(n, generator=gen)[:cap].sort().values)
-        else:
-            index.append(torch.arange(n))
-    return index
+def _probe_split(utts: Sequence, store: AudioStore, position: dict[str, int]) -> ProbeSplit:
+    pos = [position[u.id] for u in utts]
+    return ProbeSplit(utterances=list(utts), read=lambda i: store.read(pos[i]),
+                      lengths=[int(store.lengths[p]) for p in pos])
 
 
-def run_probes(config: CPCSpeechConfig, cpc_model: CPCModel, random_model: CPCModel,
-               train_utts: Sequence, train_waves: Sequence[torch.Tensor], test_utts: Sequence,
-               phones_path: Path | None, log: RunLog | None = None,
-               device: torch.device | None = None
-               ) -> tuple[dict[str, dict[str, dict]], list]:
-    """Linear probes on held-out utterances for every feature kind; returns
-    ``{kind: {label: ProbeResult dict}}`` and the files skipped while reading test audio.
-    ``log`` (a :class:`recipes.common.logging.RunLog`) shows the feature extraction's progress.
+def split_utterances(utts: Sequence, config: CPCSpeechConfig) -> tuple[list, list, str]:
+    """(train, held out, a line saying how): the split files when given (``--train-split`` /
+    ``--test-split``: the CPC paper's lists of utterance ids), else the manifest's ``split``
+    column where it has one, else a deterministic 80/20 split by a hash of the id
+    (:func:`modalities.audio.holdout_split`).
 
-    Feature kinds: ``cpc`` (the trained context network's output c_t, as in the paper),
-    ``random_init`` (the same model with the exact weights training started from) and ``mfcc``
-    (13 MFCC + deltas + delta-deltas). Every kind goes through the same probe
-    (:func:`recipes.common.evaluation.linear_probe`, same settings, same frames and utterances)."""
-    from modalities.audio import read_alignments
+    With split files, utterances listed in neither are left out and counted; an id listed in
+    both files, or files that match no utterance, raise ``ValueError`` naming the file."""
+    from modalities.audio import holdout_split, read_id_list
 
-    device = device or torch.device("cpu")
-    test_utts, test_waves, report = load_utterances(test_utts, strict=config.strict)
-    max_samples = int(config.probe_max_seconds * 16000)
-    alignments = None
-    if phones_path is not None and Path(phones_path).is_file():
-        alignments = read_alignments(phones_path)
-    cap = config.probe_frames_per_utterance
-    tr_idx = _frame_index(train_utts, train_waves, alignments, cap, max_samples, config.seed)
-    te_idx = _frame_index(test_utts, test_waves, alignments, cap, max_samples, config.seed + 1)
-    models = {"cpc": cpc_model.to(device).eval(), "random_init": random_model.to(device).eval()}
-    tr = _features(train_utts, train_waves, models, tr_idx, max_samples, device, log,
-                   "probe features (train)")
-    te = _features(test_utts, test_waves, models, te_idx, max_samples, device, log,
-                   "probe features (held out)")
-    probe_cfg = ProbeConfig(**asdict(config.probe))
-    results: dict[str, dict[str, dict]] = {k: {} for k in FEATURE_KINDS}
-
-    tasks: list[tuple[str, str]] = []
-    if alignments is not None:
-        tasks.append(("phone", "frame"))
-    if any(u.speaker is not None for u in train_utts):
-        tasks.append(("speaker", "utterance"))
-    for label in config.probe_labels:
-        if label in BUILTIN_PROBES:  # probed above whenever its labels exist
-            continue
-        if not any(label in u.labels for u in train_utts):
-            raise ValueError(f"--probe {label!r}: no manifest column of that name; expected "
-                             f"one of {sorted({k for u in train_utts for k in u.labels})}")
-        tasks.append((label, "utterance"))
-
-    for label, level in tasks:
-        for kind in FEATURE_KINDS:
-            if level == "frame":
-                tr_i = [i for i, x in enumerate(tr_idx) if x is not None]
-                te_i = [i for i, x in enumerate(te_idx) if x is not None]
-                if not tr_i or not te_i:
-                    break
-                xtr = torch.cat([tr[kind][1][i] for i in tr_i])
-                ytr = torch.cat([alignments[train_utts[i].id][tr_idx[i]] for i in tr_i])
-                xte = torch.cat([te[kind][1][i] for i in te_i])
-                yte = torch.cat([alignments[test_utts[i].id][te_idx[i]] for i in te_i])
-            else:
-                def pooled(pools, utts):
-                    keep = [i for i, u in enumerate(utts) if _label(u, label) is not None]
-                    if not keep:
-                        return None, []
-                    return (torch.stack([pools[i] for i in keep]),
-                            [_label(utts[i], label) for i in keep])
-                xtr, ytr = pooled(tr[kind][0], train_utts)
-                xte, yte = pooled(te[kind][0], test_utts)
-                if len(ytr) == 0 or len(yte) == 0:
-                    break
-            results[kind][label] = linear_probe(xtr, ytr, xte, yte, probe_cfg).as_dict()
-    return results, report.skipped
+    if config.train_split is None:
+        train, test = holdout_split(utts, test_fraction=0.2, seed=config.seed)
+        return train, test, f"{len(train)} train / {len(test)} held out"
+    train_ids = set(read_id_list(config.train_split))
+    test_ids = set(read_id_list(config.test_split))
+    both = sorted(train_ids & test_ids)
+    if both:
+        raise ValueError(f"train_split={config.train_split!r} and test_split={config.test_split!r}: "
+                         f"{len(both)} ids are in both (e.g. {both[:3]}); expected disjoint lists")
+    train = [u for u in utts if u.id in train_ids]
+    test = [u for u in utts if u.id in test_ids]
+    for name, path, chosen, ids in (("train_split", config.train_split, train, train_ids),
+                                    ("test_split", config.test_split, test, test_ids)):
+        if not chosen:
+            example = sorted(ids)[:3]
+            raise ValueError(f"{name}={path!r}: none of its {len(ids)} ids (e.g. {example}) is an "
+                             f"utterance of the data (ids like {[u.id for u in utts[:3]]}); "
+                             "expected ids of these utterances")
+    known = {u.id for u in utts}
+    missing = len((train_ids | test_ids) - known)
+    left = len(utts) - len(train) - len(test)
+    note = f"{len(train)} train / {len(test)} held out by the split files"
+    if missing:
+        note += f" ({missing} listed ids not in the data)"
+    if left:
+        note += f" ({left} utterances in neither list left out)"
+    return train, test, note
 
 
-def _label(utt, label: str) -> str | None:
-    return utt.speaker if label == "speaker" else utt.labels.get(label)
+def make_criterion(config: CPCSpeechConfig, process_group: object | None = None,
+                   accuracy_rows: int = 256) -> CPCCriterion:
+    """The training objective of ``config`` ("global" negatives gather over ``process_group``)."""
+    return CPCCriterion(config.negatives, config.temperature, accuracy_rows=accuracy_rows,
+                        similarity=config.similarity, process_group=process_group,
+                        n_negatives=config.n_negatives, exclude_near=config.exclude_near,
+                        step_reduction=config.step_reduction)
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of step ``step``'s sampled negatives on ``rank``: a function of the three
+    numbers, so a resumed run draws what an uninterrupted one draws."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(_generator(seed, step, rank, 3).initial_seed()))
+    return gen
+
+
+class Validation:
+    """Held-out windows scored at every checkpoint: the loss and the accuracy of each
+    prediction step k on ``windows`` fixed windows of the held-out utterances (cut once, with a
+    fixed seed, sorted by speaker so "speaker" negatives have company), with fixed negative
+    draws, on rank 0 only (negatives "global" are scored as "batch")."""
+
+    def __init__(self, config: CPCSpeechConfig, utts: Sequence, store: AudioStore,
+                 positions: Sequence[int], device: torch.device) -> None:
+        order = sorted(range(len(utts)), key=lambda i: (str(utts[i].speaker), utts[i].id))
+        dataset = WindowDataset.from_store(store, list(positions), [u.speaker for u in utts],
+                                           config.window)
+        picks = [order[i % len(order)] for i in range(config.val_windows)]
+        self.batches = [dataset.collate(picks[i:i + config.batch_size], step=0,
+                                        seed=config.seed + 7919)
+                        for i in range(0, len(picks), config.batch_size)]
+        negatives = "batch" if config.negatives == "global" else config.negatives
+        val_config = CPCSpeechConfig(**{**config.to_dict(), "negatives": negatives,
+                                        "model": config.model, "probe": config.probe})
+        self.criterion = make_criterion(val_config, accuracy_rows=10 ** 9)
+        self.seed, self.device = config.seed, device
+
+    @torch.no_grad()
+    def evaluate(self, model: CPCModel, step: int) -> dict[str, Any]:
+        model.eval()
+        gen = step_generator(self.seed, -1, 0, self.device)
+        loss_sum = acc_sum = None
+        queries = None
+        for batch in self.batches:
+            z, c, predictions = model(batch.wave.to(self.device), predict=True)
+            out = self.criterion(predictions, z, batch.lengths.to(self.device),
+                                 batch.speakers.to(self.device), generator=gen)
+            n = out.step_queries.double()
+            loss_k = out.step_loss.double().cpu() * n
+            acc_k = torch.nan_to_num(out.step_accuracy.double().cpu()) * n
+            loss_sum = loss_k if loss_sum is None else loss_sum + loss_k
+            acc_sum = acc_k if acc_sum is None else acc_sum + acc_k
+            queries = n if queries is None else queries + n
+        step_loss = (loss_sum / queries.clamp(min=1)).tolist()
+        reduce = sum if self.criterion.step_reduction == "sum" else (lambda v: sum(v) / len(v))
+        return {"step": step, "val_loss": round(float(reduce(step_loss)), 6),
+                "val_step_loss": [round(x, 6) for x in step_loss],
+                "val_step_accuracy": [round(x, 4) for x in (acc_sum / queries.clamp(min=1)).tolist()],
+                "val_windows": sum(len(b.indices) for b in self.batches)}
 
 
 def print_report(summary: dict[str, Any], results: dict[str, dict[str, dict]]) -> None:
@@ -501,6 +628,12 @@ def print_report(summary: dict[str, Any], results: dict[str, dict[str, dict]]) -
     acc = summary.get("final_step_accuracy")
     if acc:
         print("prediction accuracy per step k: " + " ".join(f"{a:.2f}" for a in acc))
+    val = summary.get("validation")
+    if val:
+        print(f"held-out windows at step {val['step']}: loss {val['val_loss']:.4f}, accuracy "
+              "per step k: " + " ".join(f"{a:.2f}" for a in val["val_step_accuracy"]))
+    for label, reason in (summary.get("skipped_probes") or {}).items():
+        print(f"probe {label!r} skipped: {reason}")
     if summary["skipped_files"]:
         print(f"skipped {summary['skipped_files']} unreadable or empty audio files:")
         for path, reason in summary["skipped"][:10]:

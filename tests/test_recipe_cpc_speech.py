@@ -34,7 +34,8 @@ def _config(tmp_path, **extra):
 
 
 def _losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]  # training lines (not validation ones)
 
 
 def test_help_explains_every_flag(capsys):
@@ -53,18 +54,25 @@ def test_end_to_end_outputs(tmp_path, capsys):
     result = run(["--config", _config(tmp_path), "--out", str(out), "--steps", "3", "--quiet",
                   "--probe", "gender", "--device", "cpu"])
     for name in ("config.json", "checkpoint.pt", "metrics.jsonl", "probes.json",
-                 "training.png", "probes.png", "summary.json", "corpus/manifest.csv"):
+                 "training.png", "probes.png", "summary.json", "corpus/manifest.csv",
+                 "validation.png", "audio_store/store.json", "audio_store/audio.i16"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["window"] == 3200 and config["preset"] == "cpu-quick"
     probes = json.loads((out / "probes.json").read_text())
-    assert set(probes) == {"cpc", "mfcc", "random_init"}
-    for kind in probes.values():
-        assert set(kind) == {"phone", "speaker", "gender"}
-        assert all(0.0 <= r["accuracy"] <= 1.0 for r in kind.values())
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(probes) == {"cpc", "mfcc", "random_init", "skipped"} and probes["skipped"] == {}
+    for kind in ("cpc", "mfcc", "random_init"):
+        assert set(probes[kind]) == {"phone", "speaker", "gender"}
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in probes[kind].values())
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert len(records[-1]["step_accuracy"]) == 3
+    # held-out windows scored at every checkpoint after the start: loss and accuracy per k
+    val = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 3]
+    assert all(len(r["val_step_loss"]) == len(r["val_step_accuracy"]) == 3 for r in val)
+    assert val[-1]["val_loss"] == pytest.approx(sum(val[-1]["val_step_loss"]) / 3, abs=1e-5)
     ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["step"] == 3 and ck["config"]["model"]["encoder_channels"] == 16
     text = capsys.readouterr().out
@@ -198,8 +206,8 @@ def test_existing_out_refused_without_resume_or_overwrite(tmp_path, capsys):
     assert "--resume" in err and "--overwrite" in err and str(out) in err
     assert (out / "metrics.jsonl").read_text() == before  # the earlier run is untouched
     run(base[:-3] + ["3", "--quiet", "--no-probes", "--overwrite"])
-    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] \
-        == [1, 2, 3]
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2, 3]
 
 
 def test_resume_with_a_changed_config_names_the_fields(tmp_path, capsys):
@@ -265,7 +273,7 @@ def test_unknown_probe_label_refused_before_any_audio_is_decoded(tmp_path, capsy
     def no_decoding(*args, **kwargs):
         raise AssertionError("audio decoded before the --probe labels were checked")
 
-    monkeypatch.setattr(recipe, "load_utterances", no_decoding)
+    monkeypatch.setattr(recipe, "prepare_store", no_decoding)
     out = tmp_path / "run"
     assert main(["--config", _config(tmp_path), "--manifest", _digit_manifest(tmp_path),
                  "--out", str(out), "--steps", "2", "--quiet",

@@ -40,6 +40,44 @@ def plot_training(records: Sequence[dict], path: str | Path, title: str = "CPC t
     return path
 
 
+def plot_step_curves(records: Sequence[dict], keys: Sequence[str], path: str | Path,
+                     title: str = "validation") -> Path:
+    """For each of ``keys`` (a list per record, one value per prediction step k): its value
+    against ``record["step"]`` for k = 1, 4, 8 and the last k, and its value against k at the
+    first and last records. Records without the key are skipped.
+
+    Example:
+        >>> plot_step_curves(records, ["val_step_loss", "val_step_accuracy"], out / "validation.png")
+    """
+    keys = list(keys)
+    if not keys:
+        raise ValueError("keys: expected at least one per-step metric name, got none")
+    fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.6 * len(keys)), squeeze=False)
+    for row, key in zip(axes, keys):
+        held = [r for r in records if isinstance(r.get(key), (list, tuple)) and r[key]]
+        if not held:
+            _no_data(row[0])
+            _no_data(row[1])
+        else:
+            steps = [r.get("step", i) for i, r in enumerate(held)]
+            n = len(held[-1][key])
+            for k in sorted({1, min(4, n), min(8, n), n}):
+                row[0].plot(steps, [r[key][k - 1] if len(r[key]) >= k else float("nan")
+                                    for r in held], "o-", markersize=3, label=f"k={k}")
+            row[0].legend()
+            ks = list(range(1, n + 1))
+            row[1].plot(ks, held[0][key], "o--", label=f"step {steps[0]}")
+            if len(held) > 1:
+                row[1].plot(ks, held[-1][key], "o-", label=f"step {steps[-1]}")
+            row[1].legend()
+        row[0].set(xlabel="training step", title=f"{key} per k")
+        row[1].set(xlabel="prediction step k", title=f"{key} against k")
+        for ax in row:
+            ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_probes(results: dict[str, dict[str, float]], path: str | Path,
                 title: str = "linear probes on held-out utterances") -> Path:
     """Grouped bars: one group per probe label, one bar per feature kind."""
