@@ -166,10 +166,10 @@ def validate(config: CPCSpeechConfig) -> None:
     from cpc.criterion import NEGATIVE_MODES
 
     positive = ("steps", "batch_size", "speakers_per_batch", "window", "log_every",
-                "checkpoint_every", "corpus_speakers", "corpus_utterances", "max_audio_memory_mb")
+                "checkpoint_every", "corpus_speakers", "corpus_utterances")
     for name in positive:
         check_int(name, getattr(config, name))
-    for name in ("n_negatives", "val_windows", "prefetch"):
+    for name in ("n_negatives", "val_windows", "prefetch", "max_audio_memory_mb"):
         check_int(name, getattr(config, name), zero=True)
     if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < -1:
         raise ValueError(f"workers={config.workers!r}: expected -1 (auto), 0 (in-process) or a "

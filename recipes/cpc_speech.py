@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "other files). Default: <out>/audio_store.")
     p.add_argument("--max-audio-memory-mb", type=int, help="audio each process holds in RAM "
                    "(its shard of the training utterances, as int16); a larger shard is read "
-                   "from the store window by window instead (CPC_audio's --max_size_loaded). "
-                   "Default 4000.")
+                   "from the store window by window instead (CPC_audio's --max_size_loaded); 0: "
+                   "always from disk. Default 4000.")
     p.add_argument("--workers", type=int, help="processes decoding audio into the store; 0: "
                    "in this process; -1 (default): up to 8 when there are more than 256 "
                    "utterances, else 0.")
@@ -466,9 +466,9 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
             path = export_cpc_audio(
                 model, out / "cpc_audio.pt", window=config.window, negatives=config.negatives,
                 n_negatives=config.n_negatives, lr=config.lr, warmup_steps=config.warmup_steps,
-                steps=summary["steps_done"], batch_size=config.batch_size * info.world_size,
+                steps=summary["steps_done"], batch_size=config.batch_size,
                 similarity=config.similarity, step_reduction=config.step_reduction,
-                training_config=config.to_dict())
+                training_config=config.to_dict(), seed=config.seed, world_size=info.world_size)
             summary["export"] = str(path)
             log(f"exported the model in CPC_audio's checkpoint layout: {path}")
         if not args.no_probes:

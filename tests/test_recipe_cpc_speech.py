@@ -283,3 +283,80 @@ def test_unknown_probe_label_refused_before_any_audio_is_decoded(tmp_path, capsy
     assert "['colour', 'phone']" in err and "['digit', 'speaker', 'split']" not in err
     assert "'digit'" in err and "'speaker'" in err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_split_files_decide_the_split_and_a_speaker_disjoint_probe_is_skipped(tmp_path, capsys):
+    # the paper's protocol: train on the ids of one file, hold out those of the other; here the
+    # held-out speaker s2 never occurs in training, so the speaker probe cannot be fitted
+    manifest = _digit_manifest(tmp_path)  # u0..u11, speaker s{i % 3}
+    (tmp_path / "train.txt").write_text("".join(f"u{i}\n" for i in range(12) if i % 3 != 2))
+    (tmp_path / "test.txt").write_text("u2\nu5\nu8\nu404\n")  # u11 in neither; u404 unknown
+    out = tmp_path / "run"
+    result = run(["--config", _config(tmp_path), "--manifest", manifest, "--out", str(out),
+                  "--steps", "2", "--quiet", "--device", "cpu", "--probe", "digit",
+                  "--train-split", str(tmp_path / "train.txt"),
+                  "--test-split", str(tmp_path / "test.txt")])
+    summary = result["summary"]
+    assert (summary["train_utterances"], summary["held_out_utterances"]) == (8, 3)
+    assert "1 listed ids not in the data" in summary["split"]
+    assert "1 utterances in neither list left out" in summary["split"]
+    probes = json.loads((out / "probes.json").read_text())
+    assert "speaker-disjoint" in probes["skipped"]["speaker"]
+    for kind in ("cpc", "mfcc", "random_init"):
+        assert set(probes[kind]) == {"digit"}  # no 0.0 % speaker row
+    assert "probe 'speaker' skipped" in capsys.readouterr().out
+
+
+def test_split_file_errors_are_named_before_any_work(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("u1\n")
+    base = ["--config", _config(tmp_path), "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(base + ["--train-split", str(tmp_path / "train.txt")]) == 2
+    assert "expected both split files or neither" in capsys.readouterr().err
+    assert main(base + ["--train-split", str(tmp_path / "train.txt"),
+                        "--test-split", str(tmp_path / "nope.txt")]) == 2
+    assert "test_split=" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    (tmp_path / "test.txt").write_text("u1\n")
+    assert main(base + ["--manifest", _digit_manifest(tmp_path),
+                        "--train-split", str(tmp_path / "train.txt"),
+                        "--test-split", str(tmp_path / "test.txt")]) == 2
+    assert "ids are in both" in capsys.readouterr().err
+
+
+def test_sampled_negatives_resume_exactly_and_export_cpc_audio(tmp_path):
+    from cpc.export import load_cpc_audio
+
+    cfg = _config(tmp_path, n_negatives=5, similarity="mean", step_reduction="sum",
+                  negatives="speaker")
+    full = tmp_path / "full"
+    run(["--config", cfg, "--out", str(full), "--steps", "4", "--quiet", "--no-probes",
+         "--export", "cpc_audio"])
+    part = tmp_path / "part"
+    run(["--config", cfg, "--out", str(part), "--steps", "2", "--quiet", "--no-probes"])
+    run(["--config", cfg, "--out", str(part), "--steps", "4", "--quiet", "--no-probes",
+         "--resume"])
+    assert _losses(part) == _losses(full)  # the negatives of step s depend on (seed, s, rank)
+    state = torch.load(full / "cpc_audio.pt", weights_only=False)
+    assert state["config"]["negativeSamplingExt"] == 5
+    assert state["config"]["samplingType"] == "samespeaker"
+    assert state["config"]["tilecontrast"]["step_reduction"] == "sum"
+    assert state["config"]["batchSizeGPU"] == 4 and state["config"]["nGPU"] == 1
+    model = load_cpc_audio(full / "cpc_audio.pt")
+    trained = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_store_reused_by_a_second_run_and_refused_for_other_files(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    store = tmp_path / "store"
+    manifest = _digit_manifest(tmp_path)
+    first = run(["--config", cfg, "--manifest", manifest, "--store", str(store),
+                 "--out", str(tmp_path / "a"), "--steps", "1", "--quiet", "--no-probes"])
+    second = run(["--config", cfg, "--manifest", manifest, "--store", str(store),
+                  "--out", str(tmp_path / "b"), "--steps", "1", "--quiet", "--no-probes",
+                  "--max-audio-memory-mb", "0"])
+    assert first["summary"]["store"]["audio_in_memory"] is True
+    assert second["summary"]["store"]["audio_in_memory"] is False  # every window by pread
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")  # RAM or pread: same batches
+    assert main(["--config", cfg, "--store", str(store), "--out", str(tmp_path / "c"),
+                 "--steps", "1", "--quiet", "--no-probes"]) == 2  # the generated corpus
+    assert str(store) in capsys.readouterr().err
