@@ -8,6 +8,7 @@ T // 160 frames.
 from .corpus import (CORPUS_VERSION, PHONES, Phone, SpeakerVoice, corpus_cache_dir, corpus_key,
                      corpus_version, generate_corpus, read_phone_set, speaker_voice, synthesize_utterance)
 from .features import frame_hop, log_mel, mfcc
+from .librishaped import N_LABELS, make_librispeech_tree
 from .io import FRAME_HOP, SAMPLE_RATE, AudioReadError, load_audio, resample
 from .sources import (SPLITS, Utterance, holdout_split, read_alignments, read_id_list, read_manifest,
                       scan_librispeech)
@@ -19,5 +20,5 @@ __all__ = [
     "holdout_split",
     "generate_corpus", "read_phone_set", "CORPUS_VERSION", "corpus_version", "corpus_key",
     "corpus_cache_dir", "PHONES", "Phone", "SpeakerVoice",
-    "speaker_voice", "synthesize_utterance",
+    "speaker_voice", "synthesize_utterance", "make_librispeech_tree", "N_LABELS",
 ]
