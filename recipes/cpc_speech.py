@@ -10,17 +10,22 @@ at most ``train_seconds``, probes, prints the table and writes the plots: about 
 2 CPU cores.
 
 The paper's protocol on LibriSpeech train-clean-100 (64.6 % phone, 97.4 % speaker accuracy
-with linear probes in the paper), on 8 GPUs; ``converted_aligned_phones.txt`` is the CPC
-paper's frame-level alignment file (utterance id, then one phone index per 10 ms):
+with linear probes in the paper), on 8 GPUs: train on the paper's ``train_split.txt``, probe
+and validate on ``test_split.txt``, phone labels from ``converted_aligned_phones.txt`` (utterance
+id, then one phone index per 10 ms):
 
     torchrun --nproc_per_node 8 -m recipes.cpc_speech --preset paper --device cuda \
         --data /data/LibriSpeech/train-clean-100 \
-        --alignments /data/LibriSpeech/converted_aligned_phones.txt \
-        --batch-size 8 --window 20480 --steps 200000 --out runs/cpc_librispeech
+        --train-split train_split.txt --test-split test_split.txt \
+        --alignments converted_aligned_phones.txt --steps 200000 --out runs/cpc_librispeech
 
-(paper preset: 512-channel encoder without normalisation, GRU 256, 12 linear predictors,
-negatives from the whole batch, Adam 2e-4, 50 random frames per utterance in the phone probe; probes on a deterministic 80/20 split by utterance unless a
-manifest gives a ``split`` column, e.g. one built from the paper's train/test split files.)
+(presets: see :mod:`recipes.cpc_config`, which states where ``paper`` departs from the paper
+and from CPC_audio, and ``cpc_audio`` for CPC_audio's defaults. Without split files the probes
+use a deterministic 80/20 split by utterance unless a manifest gives a ``split`` column.)
+
+Data: every utterance is decoded once into an int16 store (:mod:`cpc.store`, ``--store``,
+default ``<out>/audio_store``); each rank trains on its shard of speakers, in RAM up to
+``--max-audio-memory-mb``, else read window by window from disk.
 
 Under torchrun, ``--negatives batch`` draws each process's negatives from its own batch (as
 CPC_audio does); ``--negatives global`` draws them from the batches of every process (the keys
@@ -28,8 +33,11 @@ are gathered with exact gradients through ``csrc_triton.info_nce(..., process_gr
 so that R processes with batch B each compute the loss and the gradients of one process with
 batch R x B. In one process ``global`` is ``batch``.
 
-Outputs in ``--out``: config.json (resolved), checkpoint.pt (atomic), metrics.jsonl,
-train.log, probes.json, training.png, probes.png, summary.json. An ``--out`` that already holds
+Outputs in ``--out``: config.json (resolved), checkpoint.pt (atomic, written by rank 0 and
+broadcast by it on ``--resume``), metrics.jsonl (training lines and per-checkpoint validation
+per step k), train.log, probes.json (with skipped probes and why), training.png,
+validation.png, probes.png, summary.json, audio_store/ (unless ``--store``), and with
+``--export cpc_audio`` cpc_audio.pt. An ``--out`` that already holds
 a run is refused unless ``--resume`` (continue it; a changed configuration is refused, the
 differing fields named, unless ``--override-config``) or ``--overwrite`` (replace it). Progress
 is a bar on a terminal and one plain line per logging interval in a file or a pipe.
