@@ -231,7 +231,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-probes", action="store_true",
                    help="pass --no-probes to the recipe (prepare and training only)")
     p.add_argument("--tree-workers", type=int, default=2, help="processes generating a tree")
+    p.add_argument("--probe-frames", type=int, default=None, help="the recipe's --probe-frames "
+                   "(labelled frames per utterance in the phone probe; default: the preset's, "
+                   "all frames)")
     args = p.parse_args(argv)
+    if args.probe_frames is not None and args.probe_frames < 0:
+        p.error(f"--probe-frames={args.probe_frames}: expected an integer >= 0")
     if args.steps < 1:
         p.error(f"--steps={args.steps}: expected an integer >= 1")
     if args.max_audio_memory_mb < 0:
@@ -272,7 +277,8 @@ def bench_one(size: int, speakers: int, args: argparse.Namespace, out: Path) -> 
                "--test-split", str(tree / "test_split.txt"), "--preset", "cpu-quick",
                "--steps", str(args.steps), "--store", str(folder / "store"),
                "--max-audio-memory-mb", str(args.max_audio_memory_mb), "--workers", "2",
-               "--out", str(folder / "run")] + (["--no-probes"] if args.no_probes else [])
+               "--out", str(folder / "run")] + (["--no-probes"] if args.no_probes else []) \
+            + (["--probe-frames", str(args.probe_frames)] if args.probe_frames is not None else [])
         # not --quiet: the progress lines (plain lines off a terminal) mark the phases
         env = dict(os.environ)
         if args.threads is not None:
@@ -314,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = f"{os.cpu_count()} CPU cores, {sys.platform}"
     header = (f"CPC recipe (cpu-quick, {args.steps} steps, --max-audio-memory-mb "
               f"{args.max_audio_memory_mb}, 2 decode workers"
-              f"{', no probes' if args.no_probes else ''}) on synthetic LibriSpeech-shaped "
+              f"{', no probes' if args.no_probes else ''}"
+              f"{f', --probe-frames {args.probe_frames}' if args.probe_frames is not None else ''}"
+              ") on synthetic LibriSpeech-shaped "
               f"trees of 10-15 s utterances; {machine}. MB = peak resident memory (VmRSS summed "
               "over the recipe's process tree, polled every 50 ms) per phase; rank peak = the "
               "recipe process's own VmHWM; PSS = proportional set size summed over the tree (pages "

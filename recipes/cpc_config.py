@@ -178,7 +178,8 @@ def validate(config: CPCSpeechConfig) -> None:
                 "checkpoint_every", "corpus_speakers", "corpus_utterances")
     for name in positive:
         check_int(name, getattr(config, name))
-    for name in ("n_negatives", "val_windows", "prefetch", "max_audio_memory_mb"):
+    for name in ("n_negatives", "val_windows", "prefetch", "max_audio_memory_mb",
+                 "probe_frames_per_utterance"):
         check_int(name, getattr(config, name), zero=True)
     if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < -1:
         raise ValueError(f"workers={config.workers!r}: expected -1 (auto), 0 (in-process) or a "

@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "<out>/cpc_audio.pt in facebookresearch/CPC_audio's checkpoint layout "
                    "(config, weights, criterion with every predictor).")
     p.add_argument("--no-probes", action="store_true", help="train only; skip the probes.")
+    p.add_argument("--probe-frames", type=int, help="frame-level (phone) probe: random labelled "
+                   "frames kept per utterance, the same for every feature kind; 0: all (the "
+                   "cpu-quick preset). The paper and cpc_audio presets keep 50, which bounds the "
+                   "probe's memory on large corpora.")
     p.add_argument("--quiet", action="store_true", help="no progress display (a bar on a "
                    "terminal, otherwise one plain line per logging interval).")
     return p
@@ -182,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> CPCSpeechConfig:
         "test_split": args.test_split, "store": args.store,
         "max_audio_memory_mb": args.max_audio_memory_mb, "workers": args.workers,
         "val_windows": args.val_windows, "export": args.export,
+        "probe_frames_per_utterance": args.probe_frames,
         "probe_labels": [s.strip() for s in args.probe.split(",") if s.strip()]
         if args.probe else None,
     }

@@ -360,3 +360,12 @@ def test_store_reused_by_a_second_run_and_refused_for_other_files(tmp_path, caps
     assert main(["--config", cfg, "--store", str(store), "--out", str(tmp_path / "c"),
                  "--steps", "1", "--quiet", "--no-probes"]) == 2  # the generated corpus
     assert str(store) in capsys.readouterr().err
+
+
+def test_probe_frames_caps_the_phone_probe(tmp_path):
+    out = tmp_path / "run"
+    result = run(["--config", _config(tmp_path), "--out", str(out), "--steps", "1", "--quiet",
+                  "--probe-frames", "3"])
+    phone = json.loads((out / "probes.json").read_text())["cpc"]["phone"]
+    n_train, n_test = result["summary"]["train_utterances"], result["summary"]["held_out_utterances"]
+    assert (phone["n_train"], phone["n_test"]) == (3 * n_train, 3 * n_test)
