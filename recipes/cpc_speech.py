@@ -64,16 +64,15 @@ from cpc.model import CPCModel, count_parameters
 from cpc.probe import ProbeSplit, run_probes
 from cpc.store import AudioStore, prepare_store, shard_indices
 from modalities.audio import read_alignments
-from recipes.common.evaluation import ProbeConfig, linear_probe
+from recipes.common.evaluation import ProbeConfig
 from recipes.common import distributed as D
 from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
 from recipes.common.cli import add_resume_arguments, cli_main
-from recipes.common.logging import MetricsLog, RunLog, format_table
+from recipes.common.logging import MetricsLog, format_table
 from recipes.common.plots import plot_probes, plot_step_curves, plot_training
 from recipes.common.rundir import open_run, write_config
 
 CHECKPOINT = "checkpoint.pt"
-FEATURE_KINDS = ("cpc", "mfcc", "random_init")
 # settings a resumed run may change without changing what training computes up to its stop:
 # the schedule does not depend on ``steps`` (see lr_at), and the probes run after training
 RESUMABLE = ("steps", "train_seconds", "device", "threads", "out", "log_every",
@@ -573,9 +572,11 @@ def split_utterances(utts: Sequence, config: CPCSpeechConfig) -> tuple[list, lis
 
 
 def make_criterion(config: CPCSpeechConfig, process_group: object | None = None,
-                   accuracy_rows: int = 256) -> CPCCriterion:
-    """The training objective of ``config`` ("global" negatives gather over ``process_group``)."""
-    return CPCCriterion(config.negatives, config.temperature, accuracy_rows=accuracy_rows,
+                   accuracy_rows: int = 256, negatives: str | None = None) -> CPCCriterion:
+    """The training objective of ``config`` ("global" negatives gather over ``process_group``;
+    ``negatives`` overrides the config's mode)."""
+    return CPCCriterion(negatives or config.negatives, config.temperature,
+                        accuracy_rows=accuracy_rows,
                         similarity=config.similarity, process_group=process_group,
                         n_negatives=config.n_negatives, exclude_near=config.exclude_near,
                         step_reduction=config.step_reduction)
@@ -605,9 +606,7 @@ class Validation:
                                         seed=config.seed + 7919)
                         for i in range(0, len(picks), config.batch_size)]
         negatives = "batch" if config.negatives == "global" else config.negatives
-        val_config = CPCSpeechConfig(**{**config.to_dict(), "negatives": negatives,
-                                        "model": config.model, "probe": config.probe})
-        self.criterion = make_criterion(val_config, accuracy_rows=10 ** 9)
+        self.criterion = make_criterion(config, accuracy_rows=10 ** 9, negatives=negatives)
         self.seed, self.device = config.seed, device
 
     @torch.no_grad()
