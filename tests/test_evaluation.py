@@ -269,9 +269,9 @@ def old_cpc_probe(train_x, train_y, test_x, test_y, iterations=300, lr=0.05, wei
 
 
 def test_cpc_probe_unchanged():
-    import recipes.cpc_speech
+    import cpc.probe
 
-    assert recipes.cpc_speech.linear_probe is linear_probe
+    assert cpc.probe.linear_probe is linear_probe  # the CPC recipe's probes go through cpc.probe
     x, y = clustered(260, 20, 7, seed=7, spread=2.0)
     names = [f"spk{int(v)}" for v in y]
     for cfg in (ProbeConfig(), ProbeConfig(iterations=40, lr=0.1, weight_decay=1e-3, seed=3)):
