@@ -12,7 +12,8 @@ Extraction is batched on the training device (:func:`encode_batch` runs padded b
 padding never changes a valid frame), and only what the probes need is kept: per utterance the
 mean over its valid frames and the frames of its frame index (the phone probe). Those arrays are
 sized in advance from the lengths, so when their total exceeds ``max_feature_bytes`` they are
-written to memory-mapped ``.npy`` files instead of RAM (same numbers either way).
+written to raw float32 files instead of RAM (same numbers either way), and the probes read them
+back a chunk at a time: memory while probing does not grow with the number of frames.
 
 A probe that cannot be fitted is skipped with its reason instead of reported: e.g. with a
 speaker-disjoint split no held-out speaker occurs in training, and a classifier over the
@@ -27,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cpc.model import DOWNSAMPLING, CPCModel
-from recipes.common.evaluation import ProbeConfig, linear_probe
+from recipes.common.evaluation import ProbeConfig, Rows, linear_probe
 from recipes.common.logging import RunLog
 
 __all__ = ["FEATURE_KINDS", "BUILTIN_PROBES", "ProbeSplit", "encode_batch", "frame_index",
@@ -185,36 +187,66 @@ def _label(utt: Any, label: str) -> str | None:
 # Feature storage: RAM or memory-mapped .npy, sized in advance
 # ----------------------------------------------------------------------------------------------
 class _Store:
-    """float32 arrays by (kind, split, level): np.empty in RAM, or ``open_memmap`` files under
-    a private folder of ``work_dir`` (removed by :meth:`close`, and ``work_dir`` too when it
-    was created here and is left empty)."""
+    """float32 (rows, dim) arrays by (kind, split, level): np.empty in RAM, or raw row-major
+    float32 files under a private folder of ``work_dir`` written with ``os.pwrite`` and read
+    back with ``os.pread`` (no memory map, so resident memory never holds more of them than
+    the rows being written or read). :meth:`close` removes the folder, and ``work_dir`` too
+    when it was created here and is left empty."""
 
     def __init__(self, shapes: dict[tuple[str, str, str], tuple[int, int]], on_disk: bool,
                  work_dir: str | Path | None) -> None:
         self.folder: Path | None = None
         self.created: Path | None = None  # work_dir when made here: removed again if empty
+        self.shapes = dict(shapes)
         self.arrays: dict[tuple[str, str, str], np.ndarray] = {}
+        self.fds: dict[tuple[str, str, str], int] = {}
         if on_disk:
             if work_dir is not None and not Path(work_dir).exists():
                 Path(work_dir).mkdir(parents=True)
                 self.created = Path(work_dir)
             self.folder = Path(tempfile.mkdtemp(prefix="probe_features_",
                                                 dir=None if work_dir is None else str(work_dir)))
-        for key, shape in shapes.items():
+        for key, (rows, dim) in self.shapes.items():
             if self.folder is not None:
-                path = self.folder / f"{'_'.join(key)}.npy"
-                self.arrays[key] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                                             shape=shape)
+                fd = os.open(self.folder / f"{'_'.join(key)}.f32", os.O_RDWR | os.O_CREAT, 0o600)
+                self.fds[key] = fd
+                os.ftruncate(fd, 4 * rows * dim)
             else:
-                self.arrays[key] = np.empty(shape, dtype=np.float32)
+                self.arrays[key] = np.empty((rows, dim), dtype=np.float32)
 
-    def tensor(self, key: tuple[str, str, str]) -> torch.Tensor:
-        return torch.from_numpy(self.arrays[key])
+    def write(self, key: tuple[str, str, str], start: int, values: np.ndarray) -> None:
+        """Rows ``[start, start + len(values))`` of ``key``."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if key not in self.fds:
+            self.arrays[key][start:start + values.shape[0]] = values
+            return
+        view = memoryview(values).cast("B")
+        offset, done = 4 * start * self.shapes[key][1], 0
+        while done < len(view):
+            done += os.pwrite(self.fds[key], view[done:], offset + done)
+
+    def read(self, key: tuple[str, str, str], start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``key`` (a view in RAM, a fresh array from disk)."""
+        if key not in self.fds:
+            return self.arrays[key][start:stop]
+        dim = self.shapes[key][1]
+        out = np.empty((stop - start, dim), dtype=np.float32)
+        view = memoryview(out).cast("B")
+        offset, done = 4 * start * dim, 0
+        while done < len(view):
+            n = os.preadv(self.fds[key], [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"probe feature file {self.folder}: short read at byte {offset + done}")
+            done += n
+        return out
+
+    def rows(self, key: tuple[str, str, str]) -> Rows:
+        return Rows(self.shapes[key], lambda a, b: torch.from_numpy(self.read(key, a, b)))
 
     def close(self) -> None:
-        for array in self.arrays.values():
-            if isinstance(array, np.memmap):
-                array.flush()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
         self.arrays.clear()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
@@ -292,13 +324,11 @@ def _extract(split: ProbeSplit, name: str, models: dict[str, CPCModel],
                     else:
                         frames.append(flat[at:at + p.shape[0]])
                         at += p.shape[0]
-            utt_array = store.arrays[(kind, name, "utt")]
-            frame_array = store.arrays[(kind, name, "frame")]
             for row, i in enumerate(batch):
                 if pooled_ok[i]:
-                    utt_array[i] = pooled[row].numpy()
+                    store.write((kind, name, "utt"), i, pooled[row:row + 1].numpy())
                 if frames[row] is not None and frames[row].shape[0]:
-                    frame_array[offsets[i]:offsets[i + 1]] = frames[row].numpy()
+                    store.write((kind, name, "frame"), int(offsets[i]), frames[row].numpy())
         for _ in batch:  # one by one, so that plain-line progress keeps its interval
             bar.update(1)
     bar.close()
@@ -386,7 +416,7 @@ def _skip_reason(task: _Task) -> str | None:
 def _check_args(cpc_model: Any, random_model: Any, train: Any, test: Any, alignments: Any,
                 probe_labels: Any, probe_config: Any, frames_per_utterance: Any,
                 max_seconds: Any, seed: Any, max_feature_bytes: Any,
-                batch_seconds: Any) -> None:
+                batch_seconds: Any, probe_chunk_bytes: Any) -> None:
     for name, model in (("cpc_model", cpc_model), ("random_model", random_model)):
         if not isinstance(model, CPCModel):
             raise TypeError(f"{name}: expected a CPCModel, got {type(model).__name__}")
@@ -404,6 +434,9 @@ def _check_args(cpc_model: Any, random_model: Any, train: Any, test: Any, alignm
                         ("max_feature_bytes", max_feature_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}: expected a non-negative integer")
+    if isinstance(probe_chunk_bytes, bool) or not isinstance(probe_chunk_bytes, int) \
+            or probe_chunk_bytes < 1:
+        raise ValueError(f"probe_chunk_bytes={probe_chunk_bytes!r}: expected an integer >= 1")
     for name, value, low in (("max_seconds", max_seconds, ">= 0"),
                              ("batch_seconds", batch_seconds, "> 0")):
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -417,7 +450,8 @@ def run_probes(*, cpc_model: CPCModel, random_model: CPCModel, train: ProbeSplit
                frames_per_utterance: int = 0, max_seconds: float = 0.0, seed: int = 0,
                device: torch.device | str = "cpu", log: RunLog | None = None,
                work_dir: str | Path | None = None, max_feature_bytes: int = 2 * 10**9,
-               batch_seconds: float = 160.0) -> tuple[dict, dict]:
+               batch_seconds: float = 160.0, probe_chunk_bytes: int = 2**26
+               ) -> tuple[dict, dict]:
     """Linear probes of ``cpc``, ``mfcc`` and ``random_init`` features, trained on ``train``
     and scored on ``test`` with :func:`recipes.common.evaluation.linear_probe`.
 
@@ -437,8 +471,12 @@ def run_probes(*, cpc_model: CPCModel, random_model: CPCModel, train: ProbeSplit
 
     Features are extracted in batches of at most ``batch_seconds`` of padded audio, sorted by
     length, on ``device`` (:func:`encode_batch`); MFCC per utterance on the CPU. They are kept
-    in RAM, or in float32 ``.npy`` memory maps under ``work_dir`` (a temporary folder when
-    None; removed at the end) when their total size exceeds ``max_feature_bytes``.
+    in RAM, or in raw float32 files under ``work_dir`` (a temporary folder when None; removed
+    at the end) when their total size exceeds ``max_feature_bytes``: written and read with
+    ``pwrite``/``pread``, never memory-mapped. The frame probe reads its features a chunk at a
+    time (``probe_chunk_bytes`` of float64 standardised rows: :class:`~recipes.common.
+    evaluation.Rows`), so with features on disk a probe holds one chunk, the utterance-level
+    features (one row per utterance) and the labels, whatever the number of frames.
 
     Returns:
         ``(results, skipped)``: ``{kind: {label: ProbeResult.as_dict()}}`` for every kind of
@@ -449,7 +487,8 @@ def run_probes(*, cpc_model: CPCModel, random_model: CPCModel, train: ProbeSplit
             has (before any audio is read).
     """
     _check_args(cpc_model, random_model, train, test, alignments, probe_labels, probe_config,
-                frames_per_utterance, max_seconds, seed, max_feature_bytes, batch_seconds)
+                frames_per_utterance, max_seconds, seed, max_feature_bytes, batch_seconds,
+                probe_chunk_bytes)
     log = log or RunLog(None, enabled=False)
     device = torch.device(device)
     max_samples = int(round(max_seconds * SAMPLE_RATE))
@@ -500,12 +539,15 @@ def run_probes(*, cpc_model: CPCModel, random_model: CPCModel, train: ProbeSplit
         for task in tasks:
             for kind in FEATURE_KINDS:
                 if task.level == "frame":
-                    xtr = store.tensor((kind, "train", "frame"))
-                    xte = store.tensor((kind, "test", "frame"))
-                else:
-                    xtr = store.tensor((kind, "train", "utt"))[task.train_rows]
-                    xte = store.tensor((kind, "test", "utt"))[task.test_rows]
-                result = linear_probe(xtr, task.ytr, xte, task.yte, probe_config).as_dict()
+                    xtr: Any = store.rows((kind, "train", "frame"))
+                    xte: Any = store.rows((kind, "test", "frame"))
+                else:  # one row per utterance: small, gathered in RAM
+                    key_tr, key_te = (kind, "train", "utt"), (kind, "test", "utt")
+                    xtr = torch.from_numpy(store.read(key_tr, 0, store.shapes[key_tr][0])[task.train_rows])
+                    xte = torch.from_numpy(store.read(key_te, 0, store.shapes[key_te][0])[task.test_rows])
+                chunk = max(1, probe_chunk_bytes // (8 * int(xtr.shape[1])))
+                result = linear_probe(xtr, task.ytr, xte, task.yte, probe_config,
+                                      chunk_rows=chunk).as_dict()
                 if task.unseen:
                     result["unseen_test_fraction"] = task.unseen
                 results[kind][task.label] = result

@@ -3,6 +3,8 @@ storage, probes that cannot be fitted."""
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,24 +215,32 @@ def test_frame_index_rule_and_seeds():
 
 
 def test_disk_path_equals_ram_path(tmp_path, monkeypatch):
+    import cpc.probe as probe_module
+
     tr_utts, tr_waves, te_utts, te_waves, ali = corpus(seed=1)
     kwargs = dict(train=split(tr_utts, tr_waves), test=split(te_utts, te_waves),
                   alignments=ali, probe_labels=["word"], probe_config=PROBE,
                   frames_per_utterance=0, seed=0, batch_seconds=1.0)
     ram, _ = run_probes(cpc_model=tiny_model(1), random_model=tiny_model(2), **kwargs)
     opened = []
-    real = np.lib.format.open_memmap
+    real_open = os.open
 
     def spy(path, *args, **kw):
-        opened.append(path)
-        return real(path, *args, **kw)
+        if str(path).endswith(".f32"):
+            opened.append(Path(path))
+        return real_open(path, *args, **kw)
 
-    monkeypatch.setattr(np.lib.format, "open_memmap", spy)
+    def no_memmap(*args, **kw):
+        raise AssertionError("probe features must not be memory-mapped")
+
+    monkeypatch.setattr(probe_module.os, "open", spy)
+    monkeypatch.setattr(np.lib.format, "open_memmap", no_memmap)
+    monkeypatch.setattr(np, "memmap", no_memmap)
     work = tmp_path / "work"
     disk, _ = run_probes(cpc_model=tiny_model(1), random_model=tiny_model(2), work_dir=work,
                          max_feature_bytes=1000, **kwargs)
     assert len(opened) == 12  # 3 kinds x 2 splits x 2 levels
-    assert all(str(p).startswith(str(work)) and str(p).endswith(".npy") for p in opened)
+    assert all(str(p).startswith(str(work)) for p in opened)
     assert not work.exists()  # files deleted at the end, and the folder made for them
     assert disk == ram
     work.mkdir()
@@ -240,6 +250,39 @@ def test_disk_path_equals_ram_path(tmp_path, monkeypatch):
     assert len(opened) == 24 and again == ram
     assert [p.name for p in work.iterdir()] == ["keep.txt"]  # a folder given is left as it was
     assert set(ram["cpc"]) == {"phone", "speaker", "word"}
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_frame_probe_reads_one_chunk_at_a_time(tmp_path, monkeypatch, on_disk):
+    # probe_chunk_bytes bounds what the frame probe holds: every read of frame features is at
+    # most chunk_bytes // (8 * dim) rows (float64 standardised rows), on disk and in RAM
+    import cpc.probe as probe_module
+
+    tr_utts, tr_waves, te_utts, te_waves, ali = corpus(seed=2)
+    reads = []
+    real_read = probe_module._Store.read
+
+    def spy(self, key, start, stop):
+        reads.append((key, start, stop, self.shapes[key]))
+        return real_read(self, key, start, stop)
+
+    monkeypatch.setattr(probe_module._Store, "read", spy)
+    chunk_bytes = 8 * 16 * 5  # 5 rows of a 16-dim feature, fewer of the 39-dim MFCC
+    results, _ = run_probes(
+        cpc_model=tiny_model(1), random_model=tiny_model(2), train=split(tr_utts, tr_waves),
+        test=split(te_utts, te_waves), alignments=ali, probe_labels=[], probe_config=PROBE,
+        work_dir=tmp_path / "w", max_feature_bytes=0 if on_disk else 10**9,
+        probe_chunk_bytes=chunk_bytes)
+    frame_reads = [(k, a, b, shape) for k, a, b, shape in reads if k[2] == "frame"]
+    assert {k[0] for k, *_ in frame_reads} == set(FEATURE_KINDS)
+    for key, a, b, (rows, dim) in frame_reads:
+        assert 0 < b - a <= max(1, chunk_bytes // (8 * dim)) and b <= rows
+    assert max(shape[0] for *_, shape in frame_reads) > 5  # more frames than one chunk
+    assert results["cpc"]["phone"]["n_train"] == frame_reads[0][3][0]
+    with pytest.raises(ValueError, match="probe_chunk_bytes=0: expected an integer >= 1"):
+        run_probes(cpc_model=tiny_model(1), random_model=tiny_model(2),
+                   train=split(tr_utts, tr_waves), test=split(te_utts, te_waves),
+                   alignments=ali, probe_labels=[], probe_config=PROBE, probe_chunk_bytes=0)
 
 
 def test_speaker_disjoint_split_is_skipped_not_zero(tmp_path):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from recipes.common.evaluation import (
     Curve,
     ProbeConfig,
+    Rows,
     confusion_matrix,
     extract_features,
     fit_linear_probe,
@@ -384,6 +385,86 @@ def test_linear_probe_nan_unseen_and_errors():
         linear_probe(x, y, x[:, :2], y)
     with pytest.raises(ValueError, match="len.train_y.=59"):
         linear_probe(x, y[:-1], x, y)
+
+
+class CountingRows(Rows):
+    """Rows over a tensor that records every read (so a test sees what was held at once)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.reads: list[tuple[int, int]] = []
+
+        def read(a: int, b: int) -> np.ndarray:
+            self.reads.append((a, b))
+            return x[a:b].float().numpy().copy()  # float32 arrays, as the CPC store gives
+
+        super().__init__((int(x.shape[0]), int(x.shape[1])), read)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "adam"])
+@pytest.mark.parametrize("chunk", [1, 13, 1000])
+def test_linear_probe_chunked_is_the_whole_split_fit(solver, chunk):
+    # 150 training rows: 1-row chunks, a ragged last chunk (13) and one chunk (1000); the
+    # objective, its gradient and the statistics are sums over chunks, so the fit is the
+    # whole-split fit up to the order of the sums
+    xtr, ytr, xte, yte, _ = probe_case("overlapping_multiclass")
+    xtr, ytr = xtr[:150].float(), ytr[:150]
+    xte = xte.float()
+    cfg = ProbeConfig(solver=solver, iterations=60 if solver == "adam" else 100,
+                      weight_decay=1e-2, penalize_bias=False)
+    whole = fit_linear_probe(xtr, ytr, cfg)
+    src = CountingRows(xtr)
+    part = fit_linear_probe(src, ytr, cfg, chunk_rows=chunk)
+    assert src.reads and max(b - a for a, b in src.reads) <= chunk
+    torch.testing.assert_close(part.mean, whole.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(part.std, whole.std, rtol=1e-12, atol=0)
+    # lbfgs in float64: equal to rounding; adam in float32 (its historical dtype): float32 sums
+    # in another order, 60 steps of lr 0.05
+    tol = dict(rtol=1e-7, atol=1e-8) if solver == "lbfgs" else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(part.weight, whole.weight, **tol)
+    torch.testing.assert_close(part.bias, whole.bias, **tol)
+    assert part.classes == whole.classes
+    torch.testing.assert_close(part.predict_index(xte, chunk_rows=chunk), whole.predict_index(xte))
+    r_whole = linear_probe(xtr, ytr, xte, yte, cfg)
+    test_src = CountingRows(xte)
+    r_part = linear_probe(CountingRows(xtr), ytr, test_src, yte, cfg, chunk_rows=chunk)
+    assert max(b - a for a, b in test_src.reads) <= chunk
+    assert r_part.as_dict() == r_whole.as_dict()
+
+
+def test_linear_probe_integer_tensor_labels_match_python_labels():
+    # the vectorised label path (tensors) and the dict path (lists) give the same probe; unseen
+    # test labels count as errors on both
+    x, y = clustered(120, 6, 4, seed=21, spread=2.0)
+    y = y * 10 - 5                      # negative, sparse class ids
+    yte = y[80:].clone()
+    yte[:5] = 99                        # never seen in training
+    cfg = ProbeConfig(solver="lbfgs", weight_decay=1e-2)
+    a = linear_probe(x[:80], y[:80], x[80:], yte, cfg)
+    b = linear_probe(x[:80], y[:80].tolist(), x[80:], yte.tolist(), cfg)
+    assert a.as_dict() == b.as_dict()
+    assert fit_linear_probe(x[:80], y[:80], cfg).classes == [-5, 5, 15, 25]
+    # string training labels against integer test labels: nothing matches
+    names = [f"c{int(v)}" for v in y[:80]]
+    assert linear_probe(x[:80], names, x[80:], yte, cfg).accuracy == 0.0
+
+
+def test_linear_probe_rows_errors_and_nan_in_a_later_chunk():
+    x, y = clustered(40, 3, 2, seed=5, spread=3.0)
+    bad = x.clone()
+    bad[33, 1] = float("nan")
+    r = linear_probe(Rows.of(bad), y, x, y, chunk_rows=8)
+    assert math.isnan(r.accuracy) and math.isnan(r.train_accuracy)
+    with pytest.raises(ValueError, match="chunk_rows=0: expected None or an integer >= 1"):
+        linear_probe(x, y, x, y, chunk_rows=0)
+    with pytest.raises(ValueError, match="chunk_rows=True"):
+        fit_linear_probe(x, y, chunk_rows=True)
+    wrong = Rows((40, 3), lambda a, b: x[a:b, :2])
+    with pytest.raises(ValueError, match=r"Rows.read\(0, 40\) returned shape \(40, 2\): expected \(40, 3\)"):
+        fit_linear_probe(wrong, y)
+    with pytest.raises(ValueError, match="shape=.40,.: expected .N, D."):
+        Rows((40,), lambda a, b: x[a:b])
+    with pytest.raises(ValueError, match="test_x.shape=.40,.: expected .N, D."):
+        linear_probe(x, y, x[:, 0], y)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ __all__ = [
     "ProbeConfig",
     "ProbeResult",
     "PROBE_SOLVERS",
+    "Rows",
     "confusion_matrix",
     "extract_features",
     "fit_linear_probe",
@@ -304,6 +305,52 @@ class ProbeResult:
         return dict(self.__dict__)
 
 
+class Rows:
+    """Rows of an (N, D) feature matrix read a chunk at a time, so that a probe never holds
+    more than one chunk of features (plus O(N) labels): :func:`fit_linear_probe` and
+    :func:`linear_probe` accept one wherever they accept a tensor.
+
+    ``read(start, stop)`` returns rows ``[start, stop)`` as a tensor (any floating dtype) or an
+    array; ``shape`` is (N, D). ``Rows.of(tensor)`` wraps an in-memory matrix.
+
+    Example:
+        >>> src = Rows((n, d), lambda a, b: torch.from_numpy(np.fromfile(f, np.float32,
+        ...            (b - a) * d, offset=4 * a * d).reshape(b - a, d)))
+        >>> linear_probe(src, labels, test_x, test_labels, chunk_rows=65536)
+    """
+
+    def __init__(self, shape: tuple[int, int], read: Callable[[int, int], Any],
+                 device: torch.device | str = "cpu") -> None:
+        if len(shape) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                  for v in shape):
+            raise ValueError(f"shape={shape!r}: expected (N, D) of integers >= 0")
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._read = read
+        self.device = torch.device(device)
+
+    @classmethod
+    def of(cls, x: "torch.Tensor | Rows") -> "Rows":
+        if isinstance(x, Rows):
+            return x
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"features of shape {tuple(getattr(x, 'shape', ()))}: expected an "
+                             f"(N, D) tensor or a Rows")
+        return cls((int(x.shape[0]), int(x.shape[1])), lambda a, b: x[a:b], x.device)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        x = self._read(start, stop)
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        if tuple(x.shape) != (stop - start, self.shape[1]):
+            raise ValueError(f"Rows.read({start}, {stop}) returned shape {tuple(x.shape)}: "
+                             f"expected {(stop - start, self.shape[1])}")
+        return x.to(self.device)
+
+    def chunks(self, chunk_rows: int) -> Iterator[tuple[int, int]]:
+        n = self.shape[0]
+        for start in range(0, n, chunk_rows):
+            yield start, min(n, start + chunk_rows)
+
+
 @dataclass
 class LinearProbeModel:
     """A fitted probe: ``logits(x) = ((x - mean) / std) @ weight + bias`` over ``classes``
@@ -323,20 +370,67 @@ class LinearProbeModel:
         """(M, D) features -> (M, C) logits."""
         return self.standardise(x) @ self.weight + self.bias
 
-    def predict_index(self, x: torch.Tensor) -> torch.Tensor:
-        """(M,) int64 positions in ``classes`` (first maximum on ties)."""
-        return self.logits(x).argmax(1)
+    def predict_index(self, x: "torch.Tensor | Rows", chunk_rows: int | None = None
+                      ) -> torch.Tensor:
+        """(M,) int64 positions in ``classes`` (first maximum on ties); a :class:`Rows` or
+        ``chunk_rows`` is predicted a chunk at a time."""
+        if isinstance(x, torch.Tensor) and chunk_rows is None:
+            return self.logits(x).argmax(1)
+        src = Rows.of(x)
+        step = chunk_rows or max(1, src.shape[0])
+        out = [self.logits(src.read(a, b).to(self.mean.device)).argmax(1)
+               for a, b in src.chunks(step)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=self.mean.device)
 
-    def predict(self, x: torch.Tensor) -> list:
+    def predict(self, x: "torch.Tensor | Rows", chunk_rows: int | None = None) -> list:
         """Predicted labels (values from ``classes``)."""
-        return [self.classes[i] for i in self.predict_index(x).tolist()]
+        return [self.classes[i] for i in self.predict_index(x, chunk_rows).tolist()]
 
 
-def fit_linear_probe(train_x: torch.Tensor, train_y: Sequence,
-                     config: ProbeConfig | None = None) -> LinearProbeModel:
+def _check_chunk_rows(chunk_rows: Any) -> None:
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                   or chunk_rows < 1):
+        raise ValueError(f"chunk_rows={chunk_rows!r}: expected None or an integer >= 1")
+
+
+def _label_index(labels: Sequence, classes: list | None = None
+                 ) -> tuple[list, torch.Tensor]:
+    """(sorted distinct labels, int64 positions of ``labels`` in them; -1 for a label not in
+    ``classes`` when given). Integer tensors take a vectorised path (no Python list of N)."""
+    if isinstance(labels, torch.Tensor) and not labels.is_floating_point() \
+            and not labels.is_complex() and labels.dtype != torch.bool:
+        y = labels.reshape(-1).long()
+        if classes is None:
+            known = torch.unique(y)  # sorted
+            classes = known.tolist()
+        else:
+            known = torch.tensor(classes, dtype=torch.long, device=y.device) \
+                if classes and all(isinstance(c, int) and not isinstance(c, bool) for c in classes) \
+                else None
+            if known is None:  # classes of another type: no integer label is among them
+                return classes, torch.full_like(y, -1)
+        pos = torch.searchsorted(known.to(y.device), y).clamp(max=max(len(classes) - 1, 0))
+        hit = known.to(y.device)[pos] == y if len(classes) else torch.zeros_like(y, dtype=torch.bool)
+        return classes, torch.where(hit, pos, torch.full_like(pos, -1))
+    keys = _keys(labels)
+    if classes is None:
+        classes = sorted(set(keys))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, torch.tensor([index.get(c, -1) for c in keys], dtype=torch.long)
+
+
+def fit_linear_probe(train_x: "torch.Tensor | Rows", train_y: Sequence,
+                     config: ProbeConfig | None = None, *, chunk_rows: int | None = None
+                     ) -> LinearProbeModel:
     """Fit the softmax regression of :class:`ProbeConfig` on ``(train_x (N, D), train_y)``.
     Labels may be any sortable hashable values. Features are standardised with the training
     split's mean and (population) standard deviation, clamped at 1e-6.
+
+    ``chunk_rows``: when set (or ``train_x`` is a :class:`Rows`), the statistics, every
+    objective evaluation and every gradient are sums over chunks of at most ``chunk_rows``
+    rows, read from ``train_x`` and standardised one at a time: the same objective and solver
+    steps (equal up to the order of float64 sums), with memory independent of N apart from
+    the labels. None with a tensor: the whole split at once.
 
     Example:
         >>> probe = fit_linear_probe(feats, labels, ProbeConfig(solver="lbfgs"))
@@ -345,33 +439,78 @@ def fit_linear_probe(train_x: torch.Tensor, train_y: Sequence,
     config = config or ProbeConfig()
     if not isinstance(config, ProbeConfig):
         raise TypeError(f"config: expected a ProbeConfig, got {type(config).__name__}")
-    if not isinstance(train_x, torch.Tensor) or train_x.dim() != 2:
+    _check_chunk_rows(chunk_rows)
+    if isinstance(train_x, torch.Tensor) and train_x.dim() != 2 or \
+            not isinstance(train_x, (torch.Tensor, Rows)):
         raise ValueError(f"train_x.shape={tuple(getattr(train_x, 'shape', ()))}: expected (N, D)")
-    if len(train_y) != train_x.shape[0]:
-        raise ValueError(f"len(train_y)={len(train_y)}: expected {train_x.shape[0]} (rows of train_x)")
-    if train_x.shape[0] == 0:
+    n = int(train_x.shape[0])
+    if len(train_y) != n:
+        raise ValueError(f"len(train_y)={len(train_y)}: expected {n} (rows of train_x)")
+    if n == 0:
         raise ValueError("empty probe split: expected training and test examples")
-    classes = sorted(set(_keys(train_y)))
-    index = {c: i for i, c in enumerate(classes)}
-    ytr = torch.tensor([index[c] for c in _keys(train_y)], device=train_x.device)
+    device = train_x.device
+    classes, ytr = _label_index(train_y)
+    ytr = ytr.to(device)
 
-    xtr = train_x.double()
-    mean = xtr.mean(0)
-    std = xtr.std(0, unbiased=False).clamp_min(1e-6)
-    xtr = (xtr - mean) / std
-    if config.solver == "adam":
-        weight, bias = _fit_adam(xtr.float(), ytr, len(classes), config)
-    else:
-        weight, bias = _fit_lbfgs(xtr, ytr, len(classes), config)
+    if isinstance(train_x, torch.Tensor) and chunk_rows is None:
+        xtr = train_x.double()
+        mean = xtr.mean(0)
+        std = xtr.std(0, unbiased=False).clamp_min(1e-6)
+        xtr = (xtr - mean) / std
+        if config.solver == "adam":
+            x32 = xtr.float()
+            weight, bias = _fit_adam(lambda: [(x32, ytr)], n, int(xtr.shape[1]),
+                                     len(classes), config, device, whole=True)
+        else:
+            weight, bias = _fit_lbfgs(lambda: [(xtr, ytr)], n, int(xtr.shape[1]), len(classes),
+                                      config, device, whole=True)
+        return LinearProbeModel(weight.detach(), bias.detach(), mean, std, classes)
+
+    src = Rows.of(train_x)
+    step = chunk_rows or n
+    d = src.shape[1]
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    for a, b in src.chunks(step):
+        total += src.read(a, b).double().sum(0)
+    mean = total / n
+    squares = torch.zeros(d, dtype=torch.float64, device=device)
+    for a, b in src.chunks(step):
+        squares += (src.read(a, b).double() - mean).square().sum(0)
+    std = (squares / n).sqrt().clamp_min(1e-6)
+    dtype = torch.float32 if config.solver == "adam" else torch.float64
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for a, b in src.chunks(step):
+            yield ((src.read(a, b).double() - mean) / std).to(dtype), ytr[a:b]
+
+    fit = _fit_adam if config.solver == "adam" else _fit_lbfgs
+    weight, bias = fit(batches, n, d, len(classes), config, device, whole=False)
     return LinearProbeModel(weight.detach(), bias.detach(), mean, std, classes)
 
 
-def _fit_adam(x: torch.Tensor, y: torch.Tensor, n_classes: int, config: ProbeConfig
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def _data_loss(batches: Callable[[], Any], n: int, weight: torch.Tensor, bias: torch.Tensor,
+               whole: bool) -> torch.Tensor:
+    """Mean cross-entropy over all rows, backpropagated chunk by chunk (the graph of one chunk
+    at a time); returns the detached value."""
+    if whole:
+        ((x, y),) = list(batches())
+        loss = F.cross_entropy(x @ weight + bias, y)
+        loss.backward()
+        return loss.detach()
+    value = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    for x, y in batches():
+        loss = F.cross_entropy(x @ weight + bias, y, reduction="sum") / n
+        loss.backward()
+        value += loss.detach()
+    return value
+
+
+def _fit_adam(batches: Callable[[], Any], n: int, d: int, n_classes: int, config: ProbeConfig,
+              device: torch.device, whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # The CPC probe as it always was (penalize_bias=True: one parameter group, Adam's L2 on both).
     gen = torch.Generator().manual_seed(config.seed)
-    weight = (torch.randn(x.shape[1], n_classes, generator=gen) * 0.01).to(x.device).requires_grad_()
-    bias = torch.zeros(n_classes, device=x.device, requires_grad=True)
+    weight = (torch.randn(d, n_classes, generator=gen) * 0.01).to(device).requires_grad_()
+    bias = torch.zeros(n_classes, device=device, requires_grad=True)
     if config.penalize_bias:
         groups: Any = [weight, bias]
     else:
@@ -380,15 +519,15 @@ def _fit_adam(x: torch.Tensor, y: torch.Tensor, n_classes: int, config: ProbeCon
     with torch.enable_grad():
         for _ in range(config.iterations):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(x @ weight + bias, y).backward()
+            _data_loss(batches, n, weight, bias, whole)
             opt.step()
     return weight, bias
 
 
-def _fit_lbfgs(x: torch.Tensor, y: torch.Tensor, n_classes: int, config: ProbeConfig
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, device=x.device, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, device=x.device, requires_grad=True)
+def _fit_lbfgs(batches: Callable[[], Any], n: int, d: int, n_classes: int, config: ProbeConfig,
+               device: torch.device, whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.zeros(d, n_classes, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, device=device, requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=config.iterations,
                             max_eval=2 * config.iterations, tolerance_grad=1e-10,
                             tolerance_change=1e-15, history_size=20, line_search_fn="strong_wolfe")
@@ -396,31 +535,49 @@ def _fit_lbfgs(x: torch.Tensor, y: torch.Tensor, n_classes: int, config: ProbeCo
 
     def objective() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(x @ weight + bias, y) + half_decay * weight.square().sum()
+        penalty = half_decay * weight.square().sum()
         if config.penalize_bias:
-            loss = loss + half_decay * bias.square().sum()
-        loss.backward()
-        return loss
+            penalty = penalty + half_decay * bias.square().sum()
+        penalty.backward()
+        return _data_loss(batches, n, weight, bias, whole) + penalty.detach()
 
     with torch.enable_grad():
         opt.step(objective)
     return weight, bias
 
 
-def linear_probe(train_x: torch.Tensor, train_y: Sequence, test_x: torch.Tensor,
-                 test_y: Sequence, config: ProbeConfig | None = None) -> ProbeResult:
+def _all_finite(x: "torch.Tensor | Rows", chunk_rows: int | None) -> bool:
+    if isinstance(x, torch.Tensor) and chunk_rows is None:
+        return bool(torch.isfinite(x).all())
+    src = Rows.of(x)
+    return all(bool(torch.isfinite(src.read(a, b)).all())
+               for a, b in src.chunks(chunk_rows or max(1, src.shape[0])))
+
+
+def linear_probe(train_x: "torch.Tensor | Rows", train_y: Sequence,
+                 test_x: "torch.Tensor | Rows", test_y: Sequence,
+                 config: ProbeConfig | None = None, *, chunk_rows: int | None = None
+                 ) -> ProbeResult:
     """Train a softmax regression on ``(train_x (N, D), train_y)`` and report its accuracy on
     ``(test_x (M, D), test_y)`` (fractions). Labels may be any hashable values; a test label
     never seen in training counts as an error. The objective and solvers are those of
     :class:`ProbeConfig`; the default is the CPC probe's full-batch Adam (Oord et al. 2018,
     §3.1). NaN or infinite features: accuracies NaN. Synchronises (Python floats).
 
+    Features may be :class:`Rows` read a chunk of ``chunk_rows`` at a time (see
+    :func:`fit_linear_probe`): memory is then one chunk plus O(N + M) labels.
+
     Example:
         >>> r = linear_probe(train_feats, train_labels, test_feats, test_labels)
         >>> r.accuracy, r.train_accuracy
     """
     config = config or ProbeConfig()
-    if train_x.dim() != 2 or test_x.dim() != 2 or train_x.shape[1] != test_x.shape[1]:
+    _check_chunk_rows(chunk_rows)
+    for name, x in (("train_x", train_x), ("test_x", test_x)):
+        if not isinstance(x, (torch.Tensor, Rows)) or len(x.shape) != 2:
+            raise ValueError(f"{name}.shape={tuple(getattr(x, 'shape', ()))}: expected (N, D) "
+                             f"(a tensor or Rows)")
+    if train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"train_x.shape={tuple(train_x.shape)}, test_x.shape="
                          f"{tuple(test_x.shape)}: expected (N, D) and (M, D)")
     if len(train_y) != train_x.shape[0] or len(test_y) != test_x.shape[0]:
@@ -428,15 +585,14 @@ def linear_probe(train_x: torch.Tensor, train_y: Sequence, test_x: torch.Tensor,
                          f"{train_x.shape[0]} and {test_x.shape[0]}")
     if train_x.shape[0] == 0 or test_x.shape[0] == 0:
         raise ValueError("empty probe split: expected training and test examples")
-    if not (bool(torch.isfinite(train_x).all()) and bool(torch.isfinite(test_x).all())):
+    if not (_all_finite(train_x, chunk_rows) and _all_finite(test_x, chunk_rows)):
         return ProbeResult(float("nan"), float("nan"), int(train_x.shape[0]), int(test_x.shape[0]),
-                           len(set(_keys(train_y))))
-    probe = fit_linear_probe(train_x, train_y, config)
-    index = {c: i for i, c in enumerate(probe.classes)}
-    ytr = torch.tensor([index[c] for c in _keys(train_y)], device=train_x.device)
-    yte = torch.tensor([index.get(c, -1) for c in _keys(test_y)], device=test_x.device)
-    train_acc = (probe.predict_index(train_x) == ytr).float().mean().item()
-    test_acc = (probe.predict_index(test_x) == yte).float().mean().item()
+                           len(_label_index(train_y)[0]))
+    probe = fit_linear_probe(train_x, train_y, config, chunk_rows=chunk_rows)
+    _, ytr = _label_index(train_y, probe.classes)
+    _, yte = _label_index(test_y, probe.classes)
+    train_acc = (probe.predict_index(train_x, chunk_rows) == ytr.to(train_x.device)).float().mean().item()
+    test_acc = (probe.predict_index(test_x, chunk_rows) == yte.to(test_x.device)).float().mean().item()
     return ProbeResult(test_acc, train_acc, int(train_x.shape[0]), int(test_x.shape[0]),
                        len(probe.classes))
 
