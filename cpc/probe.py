@@ -530,7 +530,8 @@ def run_probes(*, cpc_model: CPCModel, random_model: CPCModel, train: ProbeSplit
     store = _Store(shapes, on_disk, work_dir)
     if on_disk:
         log(f"probe features: {total_bytes / 1e9:.2f} GB > max_feature_bytes="
-            f"{max_feature_bytes / 1e9:.2f} GB: memory-mapped in {store.folder}")
+            f"{max_feature_bytes / 1e9:.2f} GB: written to files in {store.folder} and "
+            f"read back a chunk at a time")
     try:
         _extract(train, "train", models, tr_idx, offsets["train"], tr_ok, store, max_samples,
                  budget, device, log, "probe features (train)")

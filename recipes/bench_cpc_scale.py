@@ -224,6 +224,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="training steps per run (>= 1)")
     p.add_argument("--max-audio-memory-mb", type=int, default=64,
                    help="the recipe's cap on training audio held in RAM (>= 0)")
+    p.add_argument("--max-probe-memory-mb", type=int, default=None,
+                   help="the recipe's cap on probe features held in RAM (>= 0; default: the "
+                   "recipe's, 2000)")
     p.add_argument("--out", default="runs/bench_cpc_scale")
     p.add_argument("--keep-trees", action="store_true", help="keep the generated trees")
     p.add_argument("--threads", type=int, default=None,
@@ -239,6 +242,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--probe-frames={args.probe_frames}: expected an integer >= 0")
     if args.steps < 1:
         p.error(f"--steps={args.steps}: expected an integer >= 1")
+    if args.max_probe_memory_mb is not None and args.max_probe_memory_mb < 0:
+        p.error(f"--max-probe-memory-mb={args.max_probe_memory_mb}: expected an integer >= 0")
     if args.max_audio_memory_mb < 0:
         p.error(f"--max-audio-memory-mb={args.max_audio_memory_mb}: expected an integer >= 0")
     if args.threads is not None and args.threads < 1:
@@ -278,7 +283,9 @@ def bench_one(size: int, speakers: int, args: argparse.Namespace, out: Path) -> 
                "--steps", str(args.steps), "--store", str(folder / "store"),
                "--max-audio-memory-mb", str(args.max_audio_memory_mb), "--workers", "2",
                "--out", str(folder / "run")] + (["--no-probes"] if args.no_probes else []) \
-            + (["--probe-frames", str(args.probe_frames)] if args.probe_frames is not None else [])
+            + (["--probe-frames", str(args.probe_frames)] if args.probe_frames is not None else [])\
+            + (["--max-probe-memory-mb", str(args.max_probe_memory_mb)]
+               if args.max_probe_memory_mb is not None else [])
         # not --quiet: the progress lines (plain lines off a terminal) mark the phases
         env = dict(os.environ)
         if args.threads is not None:
@@ -322,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.max_audio_memory_mb}, 2 decode workers"
               f"{', no probes' if args.no_probes else ''}"
               f"{f', --probe-frames {args.probe_frames}' if args.probe_frames is not None else ''}"
+              f"{f', --max-probe-memory-mb {args.max_probe_memory_mb}' if args.max_probe_memory_mb is not None else ''}"
               ") on synthetic LibriSpeech-shaped "
               f"trees of 10-15 s utterances; {machine}. MB = peak resident memory (VmRSS summed "
               "over the recipe's process tree, polled every 50 ms) per phase; rank peak = the "

@@ -71,6 +71,7 @@ class CPCSpeechConfig:
     test_split: str | None = None  # utterance ids held out (test_split.txt): probes, validation
     store: str | None = None  # int16 audio store folder; None: <out>/audio_store
     max_audio_memory_mb: int = 4000  # audio held in RAM per process; more is read from disk
+    max_probe_memory_mb: int = 2000  # probe features held in RAM; more go to disk, read in chunks
     workers: int = -1  # processes decoding audio into the store; -1: auto, 0: in-process
     # training
     steps: int = 100000
@@ -179,7 +180,7 @@ def validate(config: CPCSpeechConfig) -> None:
     for name in positive:
         check_int(name, getattr(config, name))
     for name in ("n_negatives", "val_windows", "prefetch", "max_audio_memory_mb",
-                 "probe_frames_per_utterance"):
+                 "max_probe_memory_mb", "probe_frames_per_utterance"):
         check_int(name, getattr(config, name), zero=True)
     if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < -1:
         raise ValueError(f"workers={config.workers!r}: expected -1 (auto), 0 (in-process) or a "

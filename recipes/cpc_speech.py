@@ -76,7 +76,8 @@ CHECKPOINT = "checkpoint.pt"
 # settings a resumed run may change without changing what training computes up to its stop:
 # the schedule does not depend on ``steps`` (see lr_at), and the probes run after training
 RESUMABLE = ("steps", "train_seconds", "device", "threads", "out", "log_every",
-             "checkpoint_every", "preset", "store", "max_audio_memory_mb", "workers", "prefetch",
+             "checkpoint_every", "preset", "store", "max_audio_memory_mb", "max_probe_memory_mb",
+             "workers", "prefetch",
              "val_windows", "export", "alignments", "probe_labels", "probe",
              "probe_max_seconds", "probe_frames_per_utterance")
 BUILTIN_PROBES = ("phone", "speaker")
@@ -154,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(its shard of the training utterances, as int16); a larger shard is read "
                    "from the store window by window instead (CPC_audio's --max_size_loaded); 0: "
                    "always from disk. Default 4000.")
+    p.add_argument("--max-probe-memory-mb", type=int, help="probe features held in RAM (the "
+                   "kept frames and utterance means of the three feature kinds, float32); more "
+                   "are written to files under <out>/probe_features and the probes read them "
+                   "back a chunk at a time, so memory while probing stays flat; 0: always on "
+                   "disk. Default 2000.")
     p.add_argument("--workers", type=int, help="processes decoding audio into the store; 0: "
                    "in this process; -1 (default): up to 8 when there are more than 256 "
                    "utterances, else 0.")
@@ -184,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> CPCSpeechConfig:
         "step_reduction": args.step_reduction, "train_split": args.train_split,
         "test_split": args.test_split, "store": args.store,
         "max_audio_memory_mb": args.max_audio_memory_mb, "workers": args.workers,
+        "max_probe_memory_mb": args.max_probe_memory_mb,
         "val_windows": args.val_windows, "export": args.export,
         "probe_frames_per_utterance": args.probe_frames,
         "probe_labels": [s.strip() for s in args.probe.split(",") if s.strip()]
@@ -500,6 +507,7 @@ def _run(config: CPCSpeechConfig, args: argparse.Namespace, info: D.DistInfo) ->
                 frames_per_utterance=config.probe_frames_per_utterance,
                 max_seconds=config.probe_max_seconds, seed=config.seed, device=device, log=log,
                 work_dir=out / "probe_features",
+                max_feature_bytes=config.max_probe_memory_mb * 2 ** 20,
                 # on a CPU one long padded batch costs more than it saves (measured: 20 s of
                 # audio per batch was no slower than one utterance at a time, 160 s was 1.6x)
                 batch_seconds=160.0 if device.type == "cuda" else 20.0)

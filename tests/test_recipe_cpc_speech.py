@@ -362,10 +362,23 @@ def test_store_reused_by_a_second_run_and_refused_for_other_files(tmp_path, caps
     assert str(store) in capsys.readouterr().err
 
 
-def test_probe_frames_caps_the_phone_probe(tmp_path):
+def test_probe_frames_caps_the_phone_probe(tmp_path, capsys):
     out = tmp_path / "run"
     result = run(["--config", _config(tmp_path), "--out", str(out), "--steps", "1", "--quiet",
                   "--probe-frames", "3"])
     phone = json.loads((out / "probes.json").read_text())["cpc"]["phone"]
     n_train, n_test = result["summary"]["train_utterances"], result["summary"]["held_out_utterances"]
     assert (phone["n_train"], phone["n_test"]) == (3 * n_train, 3 * n_test)
+    # the same run with every probe feature on disk, read back in chunks: the same probes
+    disk = tmp_path / "disk"
+    run(["--config", _config(tmp_path), "--out", str(disk), "--steps", "1", "--quiet",
+         "--probe-frames", "3", "--max-probe-memory-mb", "0"])
+    assert json.loads((disk / "probes.json").read_text()) == \
+        json.loads((out / "probes.json").read_text())
+    assert "read back a chunk at a time" in (disk / "train.log").read_text()
+    assert "read back a chunk at a time" not in (out / "train.log").read_text()
+    assert not (disk / "probe_features").exists()
+    assert main(["--config", _config(tmp_path), "--out", str(tmp_path / "bad"), "--steps", "1",
+                 "--quiet", "--max-probe-memory-mb", "-1"]) == 2
+    assert "max_probe_memory_mb=-1: expected a non-negative integer" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work
