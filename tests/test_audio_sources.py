@@ -152,9 +152,20 @@ def test_read_alignments(tmp_path: Path) -> None:
     assert list(ali) == ["19-198-0001", "103-1240-0000"]
     assert ali["19-198-0001"].dtype == torch.int64
     assert ali["19-198-0001"].tolist() == [0, 0, 3, 3, 12]
+    small = read_alignments(path, dtype=torch.int16, ids=["103-1240-0000", "absent"])
+    assert list(small) == ["103-1240-0000"] and small["103-1240-0000"].dtype == torch.int16
+    assert small["103-1240-0000"].tolist() == [5]
     path.write_text("a 1 2\nb 1 x\n")
     with pytest.raises(ValueError, match=r"phones.txt, line 2: label 'x'"):
         read_alignments(path)
+    path.write_text("a 1 2\nb 1 40000\nb 3\n")
+    with pytest.raises(ValueError, match=r"line 2: label 40000 of 'b' does not fit torch.int16; "
+                                         r"expected labels in \[-32768, 32767\]"):
+        read_alignments(path, dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"line 3: utterance 'b' appears twice"):
+        read_alignments(path, ids=["a"])  # skipped lines are still checked for repeats
+    with pytest.raises(ValueError, match=r"dtype=torch.float32: expected an integer torch dtype"):
+        read_alignments(path, dtype=torch.float32)
 
 
 def test_holdout_split_deterministic_and_uses_given_splits(tmp_path: Path) -> None:

@@ -382,3 +382,18 @@ def test_probe_frames_caps_the_phone_probe(tmp_path, capsys):
                  "--quiet", "--max-probe-memory-mb", "-1"]) == 2
     assert "max_probe_memory_mb=-1: expected a non-negative integer" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_probe_alignments_int16_for_the_probe_utterances_only(tmp_path):
+    from recipes.cpc_speech import _probe_alignments
+
+    path = tmp_path / "phones.txt"
+    path.write_text("u1 0 0 3\nu2 4 4\nu3 1\n")
+    ali = _probe_alignments(path, ["u1", "u3"])
+    assert list(ali) == ["u1", "u3"] and ali["u1"].dtype == torch.int16
+    assert ali["u1"].tolist() == [0, 0, 3]
+    path.write_text("u1 0 0 3\nu2 4 4\nu3 70000\n")  # a label past int16: read as int64
+    ali = _probe_alignments(path, ["u1", "u3"])
+    assert ali["u3"].dtype == torch.int64 and ali["u3"].tolist() == [70000]
+    assert _probe_alignments(None, ["u1"]) is None
+    assert _probe_alignments(tmp_path / "absent.txt", ["u1"]) is None
