@@ -450,6 +450,10 @@ def test_linear_probe_integer_tensor_labels_match_python_labels():
 
 def test_linear_probe_rows_errors_and_nan_in_a_later_chunk():
     x, y = clustered(40, 3, 2, seed=5, spread=3.0)
+    kept = x.clone()  # float64: Rows.of reads views of it, which the fit must not change
+    fit_linear_probe(Rows.of(kept), y, ProbeConfig(solver="lbfgs", iterations=5), chunk_rows=7)
+    fit_linear_probe(kept, y, ProbeConfig(iterations=5), chunk_rows=7)
+    assert torch.equal(kept, x)
     bad = x.clone()
     bad[33, 1] = float("nan")
     r = linear_probe(Rows.of(bad), y, x, y, chunk_rows=8)

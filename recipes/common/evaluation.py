@@ -475,13 +475,15 @@ def fit_linear_probe(train_x: "torch.Tensor | Rows", train_y: Sequence,
     mean = total / n
     squares = torch.zeros(d, dtype=torch.float64, device=device)
     for a, b in src.chunks(step):
-        squares += (src.read(a, b).double() - mean).square().sum(0)
+        # a float64 copy of the chunk, centred in place: one chunk-sized buffer at a time
+        squares += src.read(a, b).to(torch.float64, copy=True).sub_(mean).square_().sum(0)
     std = (squares / n).sqrt().clamp_min(1e-6)
     dtype = torch.float32 if config.solver == "adam" else torch.float64
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for a, b in src.chunks(step):
-            yield ((src.read(a, b).double() - mean) / std).to(dtype), ytr[a:b]
+            x = src.read(a, b).to(torch.float64, copy=True).sub_(mean).div_(std)
+            yield x.to(dtype), ytr[a:b]
 
     fit = _fit_adam if config.solver == "adam" else _fit_lbfgs
     weight, bias = fit(batches, n, d, len(classes), config, device, whole=False)
