@@ -330,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{', no probes' if args.no_probes else ''}"
               f"{f', --probe-frames {args.probe_frames}' if args.probe_frames is not None else ''}"
               f"{f', --max-probe-memory-mb {args.max_probe_memory_mb}' if args.max_probe_memory_mb is not None else ''}"
+              f"{f', {args.threads} thread(s)' if args.threads is not None else ''}"
               ") on synthetic LibriSpeech-shaped "
               f"trees of 10-15 s utterances; {machine}. MB = peak resident memory (VmRSS summed "
               "over the recipe's process tree, polled every 50 ms) per phase; rank peak = the "
