@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'global': all positions of the batches of every process under torchrun "
                    "(keys gathered across ranks with exact gradients; the loss and gradients "
                    "of one process on the concatenated batch). Without torchrun (one process) "
-                   "'global' is 'batch'. Default: the preset's (paper: batch, cpu-quick: "
-                   "speaker).")
+                   "'global' is 'batch'. Default: the preset's (paper and cpu-quick: batch; "
+                   "cpc_audio: speaker).")
     p.add_argument("--n-negatives", type=int, help="negatives sampled per query, as CPC_audio "
                    "draws them (a random sequence of the query's group, a random frame of it; "
                    "cpc_audio preset: 128); 0: every frame of the group is a negative (the "
