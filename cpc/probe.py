@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cpc.model import DOWNSAMPLING, CPCModel
+from cpc.store import pread_exact
 from recipes.common.evaluation import ProbeConfig, Rows, linear_probe
 from recipes.common.logging import RunLog
 
@@ -184,7 +185,7 @@ def _label(utt: Any, label: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Feature storage: RAM or memory-mapped .npy, sized in advance
+# Feature storage: RAM or pwrite/pread files, sized in advance
 # ----------------------------------------------------------------------------------------------
 class _Store:
     """float32 (rows, dim) arrays by (kind, split, level): np.empty in RAM, or raw row-major
@@ -231,13 +232,8 @@ class _Store:
             return self.arrays[key][start:stop]
         dim = self.shapes[key][1]
         out = np.empty((stop - start, dim), dtype=np.float32)
-        view = memoryview(out).cast("B")
-        offset, done = 4 * start * dim, 0
-        while done < len(view):
-            n = os.preadv(self.fds[key], [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"probe feature file {self.folder}: short read at byte {offset + done}")
-            done += n
+        pread_exact(self.fds[key], out, 4 * start * dim,
+                    self.folder / f"{'_'.join(key)}.f32" if self.folder else key)
         return out
 
     def rows(self, key: tuple[str, str, str]) -> Rows:

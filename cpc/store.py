@@ -41,12 +41,12 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["STORE_FORMAT", "StoreReport", "store_key", "prepare_store", "shard_indices",
+__all__ = ["STORE_FORMAT", "StoreReport", "pread_exact", "store_key", "prepare_store", "shard_indices",
            "AudioStore"]
 
 STORE_FORMAT = 1
@@ -71,6 +71,18 @@ class StoreReport:
 def _check_sample_rate(sample_rate: int) -> None:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
         raise ValueError(f"sample_rate={sample_rate!r}: expected a positive integer (Hz)")
+
+
+def pread_exact(fd: int, dest: np.ndarray, offset: int, name: Any = "file") -> None:
+    """Fill the contiguous array ``dest`` with the bytes of ``fd`` from byte ``offset`` on
+    (``os.preadv`` until done, no memory map); ``OSError`` naming ``name`` on a short file."""
+    view = memoryview(dest).cast("B")
+    done = 0
+    while done < view.nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"{name}: short read at byte {offset + done}")
+        done += n
 
 
 def store_key(utterances: Sequence, sample_rate: int = 16000) -> str:
@@ -353,13 +365,7 @@ class AudioStore:
         self.resident_bytes = int(self._ram.nbytes) if self._ram is not None else 0
 
     def _pread_into(self, dest: np.ndarray, sample_offset: int) -> None:
-        view = memoryview(dest).cast("B")
-        done, want = 0, view.nbytes
-        while done < want:
-            n = os.preadv(self._fd, [view[done:]], 2 * sample_offset + done)
-            if n <= 0:
-                raise OSError(f"{self.folder / _AUDIO}: short read at byte {2 * sample_offset + done}")
-            done += n
+        pread_exact(self._fd, dest, 2 * sample_offset, self.folder / _AUDIO)
 
     def read(self, i: int, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Samples ``start:start+count`` of utterance ``i`` as float32 (count,) = int16 / 32768

@@ -231,3 +231,19 @@ def test_a_store_finished_first_by_another_process_is_used(tmp_path, monkeypatch
     report = prepare_store(utts, tmp_path / "store")
     assert report.reused and not list(tmp_path.glob(".store.tmp-*"))
     np.testing.assert_array_equal(AudioStore(tmp_path / "store").read(1).numpy(), truth[1] / 32768)
+
+
+def test_pread_exact_reads_at_offsets_and_names_a_short_file(tmp_path):
+    from cpc.store import pread_exact
+
+    path = tmp_path / "x.bin"
+    np.arange(10, dtype=np.float32).tofile(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = np.empty(4, dtype=np.float32)
+        pread_exact(fd, out, 4 * 3, path)
+        assert out.tolist() == [3.0, 4.0, 5.0, 6.0]
+        with pytest.raises(OSError, match=r"x.bin: short read at byte 40"):
+            pread_exact(fd, np.empty(4, dtype=np.float32), 4 * 8, path)
+    finally:
+        os.close(fd)
