@@ -63,7 +63,7 @@ from cpc.export import export_cpc_audio
 from cpc.model import CPCModel, count_parameters
 from cpc.probe import ProbeSplit, run_probes
 from cpc.store import AudioStore, prepare_store, shard_indices
-from modalities.audio import read_alignments
+from modalities.audio import LabelRangeError, read_alignments
 from recipes.common.evaluation import ProbeConfig
 from recipes.common import distributed as D
 from recipes.common.checkpoint import restore_training, rng_state, save_checkpoint
@@ -546,9 +546,7 @@ def _probe_alignments(path: str | Path | None, ids: Sequence[str]) -> dict | Non
         return None
     try:
         return read_alignments(path, dtype=torch.int16, ids=ids)
-    except ValueError as err:
-        if "does not fit" not in str(err):
-            raise
+    except LabelRangeError:
         return read_alignments(path, dtype=torch.int64, ids=ids)
 
 

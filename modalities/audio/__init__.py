@@ -10,13 +10,13 @@ from .corpus import (CORPUS_VERSION, PHONES, Phone, SpeakerVoice, corpus_cache_d
 from .features import frame_hop, log_mel, mfcc
 from .librishaped import N_LABELS, make_librispeech_tree
 from .io import FRAME_HOP, SAMPLE_RATE, AudioReadError, load_audio, resample
-from .sources import (SPLITS, Utterance, holdout_split, read_alignments, read_id_list, read_manifest,
+from .sources import (SPLITS, LabelRangeError, Utterance, holdout_split, read_alignments, read_id_list, read_manifest,
                       scan_librispeech)
 
 __all__ = [
     "SAMPLE_RATE", "FRAME_HOP", "AudioReadError", "load_audio", "resample",
     "mfcc", "log_mel", "frame_hop",
-    "Utterance", "SPLITS", "scan_librispeech", "read_manifest", "read_alignments", "read_id_list",
+    "Utterance", "SPLITS", "scan_librispeech", "read_manifest", "read_alignments", "LabelRangeError", "read_id_list",
     "holdout_split",
     "generate_corpus", "read_phone_set", "CORPUS_VERSION", "corpus_version", "corpus_key",
     "corpus_cache_dir", "PHONES", "Phone", "SpeakerVoice",

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 __all__ = [
-    "Utterance", "SPLITS", "scan_librispeech", "read_manifest", "read_alignments",
+    "Utterance", "SPLITS", "scan_librispeech", "read_manifest", "read_alignments", "LabelRangeError",
     "read_id_list", "holdout_split",
 ]
 
@@ -242,6 +242,10 @@ def read_manifest(path: str | PathLike) -> list[Utterance]:
     return utts
 
 
+class LabelRangeError(ValueError):
+    """A label of an alignment file outside the requested integer dtype's range."""
+
+
 def read_alignments(path: str | PathLike, *, dtype: torch.dtype = torch.int64,
                     ids: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Read frame-level labels in the CPC paper's format (`converted_aligned_phones.txt`).
@@ -261,8 +265,8 @@ def read_alignments(path: str | PathLike, *, dtype: torch.dtype = torch.int64,
 
     Raises:
         ValueError: naming the file and line of a non-integer label, a line without labels,
-            a repeated id, or a label out of ``dtype``'s range; or a ``dtype`` that is not an
-            integer type.
+            a repeated id, or a label out of ``dtype``'s range (:class:`LabelRangeError`, a
+            ValueError); or a ``dtype`` that is not an integer type.
     """
     if not isinstance(dtype, torch.dtype) or dtype.is_floating_point or dtype.is_complex \
             or dtype == torch.bool:
@@ -298,8 +302,9 @@ def read_alignments(path: str | PathLike, *, dtype: torch.dtype = torch.int64,
             lo, hi = min(labels), max(labels)
             if lo < low or hi > high:
                 bad = lo if lo < low else hi
-                raise ValueError(f"{path}, line {line_no}: label {bad} of '{utt_id}' does not fit "
-                                 f"{dtype}; expected labels in [{low}, {high}] (pass a wider dtype)")
+                raise LabelRangeError(f"{path}, line {line_no}: label {bad} of '{utt_id}' does "
+                                      f"not fit {dtype}; expected labels in [{low}, {high}] "
+                                      "(pass a wider dtype)")
             out[utt_id] = torch.tensor(labels, dtype=dtype)
     return out
 

@@ -409,8 +409,9 @@ def _label_index(labels: Sequence, classes: list | None = None
                 else None
             if known is None:  # classes of another type: no integer label is among them
                 return classes, torch.full_like(y, -1)
-        pos = torch.searchsorted(known.to(y.device), y).clamp(max=max(len(classes) - 1, 0))
-        hit = known.to(y.device)[pos] == y if len(classes) else torch.zeros_like(y, dtype=torch.bool)
+        known = known.to(y.device)
+        pos = torch.searchsorted(known, y).clamp(max=max(len(classes) - 1, 0))
+        hit = known[pos] == y if len(classes) else torch.zeros_like(y, dtype=torch.bool)
         return classes, torch.where(hit, pos, torch.full_like(pos, -1))
     keys = _keys(labels)
     if classes is None:
